@@ -1,0 +1,1 @@
+"""Pluggable model backends: ``http`` (an existing model server) and ``torch`` (the local runner)."""
