@@ -41,6 +41,7 @@ class ServerConfig:
     upstream_timeout_s: float = 30.0
     upstream_connect_timeout_s: float = 5.0
     shutdown_timeout_s: float = 30.0  # graceful drain on SIGTERM
+    body_timeout_s: float = 30.0  # a body that stops arriving is refused (408) after this long
     workers: int = 1
     tls: TlsConfig | None = None
 

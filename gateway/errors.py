@@ -61,6 +61,13 @@ class PayloadTooLarge(GatewayError):
     type = "payload_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The client stopped sending its body (slowloris): refuse instead of holding the connection."""
+
+    status = 408
+    type = "request_timeout"
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     type = "unsupported_media_type"

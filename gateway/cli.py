@@ -1,0 +1,141 @@
+"""``maas-gateway``: serve | demo | check | openapi | policy | keys | model | audit.
+
+Every command fails with one human-readable line and a non-zero status on bad
+input — never a traceback. Command groups owned by other modules register
+themselves through ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import CliError, ConfigError
+
+# modules that add their own command groups
+COMMAND_MODULES = ("gateway.policy.cli", "gateway.auth.cli", "backends.torch.cli", "gateway.openapi")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{self.prog}: {message}", code=2)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args.config, workers=args.workers)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .findings import Finding, collect
+
+    try:
+        config = load_config(args.config)
+        findings = collect(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for f in findings:
+        print(f.line())
+    high = [f for f in findings if f.severity == "high"]
+    other = [f for f in findings if f.severity != "high"]
+    print(f"{len(high)} high, {len(other)} other finding(s)" if findings else "config OK, no findings")
+    if high or (args.strict and other):
+        return 1
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path}: file not found")
+    count, bad, reason = verify(path)
+    if bad is not None:
+        print(f"{path}:{bad}: chain broken: {reason}")
+        return 1
+    print(f"{path}: {count} line(s), chain intact")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from backends.torch.demo import prepare_demo
+
+    from .server import serve
+
+    setup = prepare_demo(port=args.port, admin_port=args.admin_port)
+    print("maas-gateway demo: the digits model behind the full pipeline (in-memory quotas, demo keys)")
+    print(f"  config:  {setup.config_path}")
+    print(f"  token:   {setup.token}")
+    print(f"  try:     {setup.curl}")
+    print("  stop:    Ctrl-C", flush=True)
+    return serve(str(setup.config_path), workers=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="maas-gateway", description="Security gateway for models served as a service.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="run the gateway until SIGTERM/SIGINT (SIGHUP reloads policy and keys)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--workers", type=int, default=None, help="processes sharing the port (default: server.workers)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="self-contained demo: bundled digits model, memory quotas, demo keys")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=9090)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("check", help="validate config and policy, print security findings")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--strict", action="store_true", help="exit 1 on medium/low findings too")
+    p.set_defaults(func=_check)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True,
+                                                                          parser_class=_Parser)
+    p = audit.add_parser("verify", help="check the audit log's hash chain")
+    p.add_argument("file")
+    p.set_defaults(func=_audit_verify)
+
+    for module_name in COMMAND_MODULES:
+        register: Callable[[argparse._SubParsersAction], None] | None
+        try:
+            register = getattr(importlib.import_module(module_name), "register", None)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that command group is not installed
+            raise
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Running a gateway: sockets, TLS, the admin port, signals, graceful drain, workers.
+
+SIGTERM/SIGINT stop accepting connections, let in-flight requests finish (up
+to ``server.shutdown_timeout_s``), flush the audit log and exit 0. SIGHUP
+reloads the policy and API keys. ``--workers N`` runs N processes that share
+the port through SO_REUSEPORT; the parent only supervises and relays signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .app import Gateway, error_body
+from .config import GatewayConfig, TlsConfig, load_config
+
+log = logging.getLogger("maas.server")
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers unparseable HTTP itself (bad framing, two Content-Lengths); keep our JSON shape there too."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        kind = "invalid_request" if 400 <= status < 500 else "internal_error"
+        text = "malformed HTTP request" if kind == "invalid_request" else "internal error"
+        if status == 413:
+            kind, text = "payload_too_large", "request too large"
+        response = web.Response(status=status, body=error_body(kind, text, os.urandom(12).hex()),
+                                headers={"Content-Type": "application/json", "Connection": "close"})
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:  # type: ignore[override]
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.client_ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def admin_app(gateway: Gateway) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        reasons = gateway.not_ready()
+        if reasons:
+            return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=gateway.metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def openapi(_: web.Request) -> web.Response:
+        from .openapi import build_document
+
+        return web.Response(body=orjson.dumps(build_document(gateway.config)),
+                            headers={"Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+@dataclass
+class Running:
+    """A started gateway and its listeners (used by ``serve`` and by the tests)."""
+
+    gateway: Gateway
+    runners: list[web.BaseRunner]
+    port: int
+    admin_port: int | None
+
+    async def stop(self) -> None:
+        """Graceful: stop listening, drain in-flight requests, then close backends and flush audit."""
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.gateway.close()
+
+
+async def start(config: GatewayConfig, *, port: int | None = None, admin_port: int | None = None,
+                reuse_port: bool = False) -> Running:
+    gateway = Gateway(config)
+    await gateway.start()
+    server_cfg = config.server
+    server = _Server(gateway.handle, handler_cancellation=True, access_log=None,
+                     client_max_size=server_cfg.max_body_bytes)
+    runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
+    runners: list[web.BaseRunner] = []
+    try:
+        await runner.setup()
+        runners.append(runner)
+        ssl_context = tls_context(server_cfg.tls) if server_cfg.tls else None
+        site = web.TCPSite(runner, server_cfg.host, server_cfg.port if port is None else port,
+                           ssl_context=ssl_context, reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+        bound = _bound_port(runner)
+        bound_admin = None
+        if config.admin is not None:
+            arunner = web.AppRunner(admin_app(gateway), access_log=None, shutdown_timeout=2)
+            await arunner.setup()
+            runners.append(arunner)
+            asite = web.TCPSite(arunner, config.admin.host, config.admin.port if admin_port is None else admin_port,
+                                reuse_port=reuse_port or None)
+            await asite.start()
+            bound_admin = _bound_port(arunner)
+    except BaseException:
+        for r in runners:
+            await r.cleanup()
+        await gateway.close()
+        raise
+    return Running(gateway, runners, bound, bound_admin)
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    return 0
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: GatewayConfig, *, reuse_port: bool, ready: Any = None) -> None:
+    running = await start(config, reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(running.gateway.reload()))
+    log.info("maas-gateway listening on %s:%s (admin %s)", config.server.host, running.port, running.admin_port)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("draining (up to %ss)", config.server.shutdown_timeout_s)
+    await running.stop()
+
+
+def serve(config_path: str, *, workers: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the exit status."""
+    config = load_config(config_path)
+    count = workers or config.server.workers
+    install_uvloop()
+    if count <= 1:
+        asyncio.run(_serve(config, reuse_port=False))
+        return 0
+    return _supervise(config_path, count)
+
+
+def _worker_main(config_path: str, index: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{index} %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path)
+    if config.audit and config.audit.file:  # one hash chain per process: interleaved writers would break it
+        import dataclasses
+
+        audit = dataclasses.replace(config.audit, file=config.audit.file.with_name(f"{config.audit.file.name}.w{index}"))
+        config = dataclasses.replace(config, audit=audit)
+    install_uvloop()
+    asyncio.run(_serve(config, reuse_port=True))
+
+
+def _supervise(config_path: str, count: int) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(config_path, i), name=f"maas-worker-{i}") for i in range(count)]
+    for p in procs:
+        p.start()
+
+    def relay(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, relay)
+    status = 0
+    for p in procs:
+        p.join()
+        if p.exitcode not in (0, None):
+            status = 1
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(serve(sys.argv[1]))

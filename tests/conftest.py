@@ -1,0 +1,24 @@
+"""Shared fixtures: a JWT issuer, and the Redis the quota tests talk to."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Keys  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("idp"))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis for tests: MAAS_TEST_REDIS_URL (set by .ci/run) or the local 127.0.0.1:6379."""
+    return os.environ.get("MAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

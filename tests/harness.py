@@ -1,0 +1,244 @@
+"""Real servers for end-to-end tests: a JWT issuer, upstream model servers, and the gateway itself.
+
+Everything listens on 127.0.0.1 with an OS-chosen port, so tests run in
+parallel and never collide. ``start_gateway`` runs the real gateway (config
+file on disk, the same ``server.start`` that ``serve`` uses).
+
+Typical use::
+
+    async def test_x(tmp_path, keys):
+        up = await start_upstream()
+        gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(gw.url + "/v2/models/digits/infer", json=..., headers=keys.auth("alice"))
+        await gw.stop(); await up.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import jwt as pyjwt
+import yaml
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+ISSUER = "https://idp.test"
+AUDIENCE = "maas"
+
+# A policy that lets `analyst` infer and read every model (most tests need a door that opens).
+ALLOW_ANALYSTS: dict[str, Any] = {
+    "roles": {"analyst": []},
+    "rules": [{"id": "analysts-all", "roles": ["analyst"], "models": ["*"], "actions": ["infer", "read"],
+               "effect": "allow"}],
+}
+
+
+class Keys:
+    """An RSA signing key with its JWKS file, minting RS256 tokens like an identity provider."""
+
+    def __init__(self, directory: Path, kid: str = "test-key-1") -> None:
+        self.kid = kid
+        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private_pem = self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption())
+        self.public_pem = self.private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+        jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(self.private_key.public_key()))
+        jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+        self.jwks = {"keys": [jwk]}
+        directory.mkdir(parents=True, exist_ok=True)
+        self.jwks_file = directory / "jwks.json"
+        self.jwks_file.write_text(json.dumps(self.jwks))
+        self.public_key_file = directory / "jwt_public.pem"
+        self.public_key_file.write_bytes(self.public_pem)
+
+    def token(self, sub: str = "alice", roles: list[str] | tuple[str, ...] | None = ("analyst",), *,
+              ttl_s: float = 300, headers: dict[str, Any] | None = None, **claims: Any) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + int(ttl_s)}
+        if roles is not None:
+            payload["roles"] = list(roles)
+        payload.update(claims)
+        return pyjwt.encode(payload, self.private_pem, algorithm="RS256", headers={"kid": self.kid, **(headers or {})})
+
+    def auth(self, sub: str = "alice", roles: list[str] | tuple[str, ...] | None = ("analyst",), **claims: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(sub, roles, **claims)}"}
+
+    def jwt_config(self) -> dict[str, Any]:
+        return {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["RS256"], "jwks_file": str(self.jwks_file)}
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    all_headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    url: str
+    runner: web.AppRunner
+    seen: list[Seen] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _default_handler(request: web.Request) -> web.StreamResponse:
+    if request.path.endswith("/ready"):
+        return web.json_response({"ready": True})
+    if request.path == "/v1/chat/completions":
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "chat",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        })
+    if request.path.endswith("/infer"):
+        return web.json_response({"model_name": "digits", "outputs": [
+            {"name": "scores", "datatype": "FP32", "shape": [1, 10],
+             "data": [0.01, 0.02, 0.6, 0.05, 0.1, 0.02, 0.05, 0.05, 0.05, 0.05]}]})
+    return web.json_response({"ok": True, "path": request.path})
+
+
+async def start_upstream(handler: Handler | None = None, *, port: int = 0) -> Upstream:
+    """A real HTTP model server on loopback that records every request it receives."""
+    holder: list[Upstream] = []
+    inner = handler or _default_handler
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        holder[0].seen.append(Seen(request.method, request.raw_path.partition("?")[0], request.query_string,
+                                   dict(request.headers), list(request.headers.items()), body))
+        return await inner(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = next(a for a in runner.addresses if isinstance(a, tuple))[1]
+    up = Upstream(f"http://127.0.0.1:{bound}", runner)
+    holder.append(up)
+    return up
+
+
+def v2_model(url: str | list[str], **backend: Any) -> dict[str, Any]:
+    urls = url if isinstance(url, list) else [url]
+    return {"backend": {"type": "http", "protocol": "v2", "upstreams": urls, **backend}}
+
+
+def openai_model(url: str | list[str], **backend: Any) -> dict[str, Any]:
+    urls = url if isinstance(url, list) else [url]
+    return {"backend": {"type": "http", "protocol": "openai", "upstreams": urls, **backend}}
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    admin_url: str | None
+    running: Any  # gateway.server.Running
+    config_path: Path
+    policy_path: Path | None
+
+    @property
+    def gateway(self) -> Any:
+        return self.running.gateway
+
+    async def stop(self) -> None:
+        await self.running.stop()
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def gateway_config(tmp_path: Path, keys: Keys | None, *, models: dict[str, Any], policy: dict[str, Any] | str | None,
+                   **sections: Any) -> dict[str, Any]:
+    """A complete config dict: JWT auth from ``keys``, the given models and policy, audit in tmp_path."""
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "upstream_timeout_s": 5, "shutdown_timeout_s": 5},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "auth": {"jwt": keys.jwt_config()} if keys else {},
+        "audit": {"file": str(tmp_path / "audit.log")},
+        "models": models,
+    }
+    if policy is not None:
+        policy_path = tmp_path / "policy.yaml"
+        if isinstance(policy, str):
+            policy_path.write_text(policy)
+        else:
+            write_yaml(policy_path, policy)
+        config["policy"] = {"file": str(policy_path), "watch": False}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+async def start_gateway(tmp_path: Path, keys: Keys | None = None, *, models: dict[str, Any],
+                        policy: dict[str, Any] | str | None = None, **sections: Any) -> RunningGateway:
+    """Write a config file to ``tmp_path`` and start the real gateway on free loopback ports."""
+    from gateway.config import load_config
+    from gateway.server import start
+
+    config = gateway_config(tmp_path, keys, models=models, policy=policy, **sections)
+    path = write_yaml(tmp_path / "gateway.yaml", config)
+    loaded = load_config(path)
+    running = await start(loaded, port=0, admin_port=0)
+    admin = f"http://127.0.0.1:{running.admin_port}" if running.admin_port else None
+    policy_path = Path(config["policy"]["file"]) if "policy" in config else None
+    return RunningGateway(f"http://127.0.0.1:{running.port}", admin, running, path, policy_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send raw bytes (for malformed HTTP) and return everything the server answers until it closes."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                break
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks)
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
