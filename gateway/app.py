@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from backends.base import Backend, BackendEnv, backend_class
 
@@ -219,11 +220,11 @@ class Gateway:
                                                                "X-Request-ID": ctx.request_id})
 
     async def _send(self, ctx: RequestContext, response: BackendResponse) -> web.StreamResponse:
-        headers = response.headers
-        if ctx.response_headers:
-            headers = {**headers, **ctx.response_headers}
+        headers = CIMultiDict(response.headers)  # a multi-dict: repeated Set-Cookie survives
+        for name, value in ctx.response_headers.items():
+            headers[name] = value
         headers["X-Request-ID"] = ctx.request_id
-        if "Content-Type" not in headers and "content-type" not in headers:
+        if "Content-Type" not in headers:
             headers["Content-Type"] = response.content_type
         if response.stream is None:
             payload = response.body or b""

@@ -110,8 +110,7 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     gateway = Gateway(config)
     await gateway.start()
     server_cfg = config.server
-    server = _Server(gateway.handle, handler_cancellation=True, access_log=None,
-                     client_max_size=server_cfg.max_body_bytes)
+    server = _Server(gateway.handle, handler_cancellation=True, access_log=None)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
     runners: list[web.BaseRunner] = []
     try:

@@ -1,0 +1,241 @@
+"""The http backend: forwards an authorised request to an existing model server.
+
+This is the gateway's hot path, so everything that does not depend on the
+request is settled once, at construction or ``start``: the header drop set,
+the timeout object, the protocol rewrites, one pooled ``ClientSession`` with a
+bounded connector. Per request we build the header list, pick an upstream and
+either read the answer whole or hand back a relay that streams it.
+
+Timeouts follow nginx's ``proxy_read_timeout``: ``timeout_s`` is the longest
+the upstream may stay silent, before its response headers or between two body
+chunks, so a long token stream that keeps producing is never cut while a stuck
+upstream is (504). Retries happen only when the request cannot have reached the
+upstream (the connection was never established), or for GET/HEAD.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from yarl import URL
+
+from backends.base import Backend, BackendEnv
+from gateway.errors import BackendError, BackendTimeout, Unavailable
+from gateway.pipeline import BackendResponse
+
+from .config import HttpBackendConfig
+from .headers import RequestHeaders, response_headers
+from .protocols import Protocol, answer_usage
+from .relay import StreamRelay
+from .upstreams import NO_METRIC, Upstream, UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+    from gateway.pipeline import RequestContext
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+CONNECT_FAILED = "upstream connection failed"
+INVALID_ANSWER = "upstream sent an invalid response"
+TIMED_OUT = "upstream timed out"
+# aiohttp adds these when the caller did not send them; the upstream should see the client's choice
+# (an added Accept-Encoding would get compressed answers the client never asked for).
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+class _Failure(Exception):
+    """An attempt that failed before an answer came: its outcome, whether a retry is safe, the error."""
+
+    def __init__(self, outcome: str, retryable: bool, error: Exception) -> None:
+        self.outcome, self.retryable, self.error = outcome, retryable, error
+
+
+class HttpBackend(Backend):
+    config_class = HttpBackendConfig
+    config: HttpBackendConfig
+
+    def __init__(self, name: str, model: ModelConfig, config: HttpBackendConfig, env: BackendEnv) -> None:
+        super().__init__(name, model, config, env)
+        server = env.server
+        timeout_s = config.timeout_s if config.timeout_s is not None else server.upstream_timeout_s
+        connect_s = (config.connect_timeout_s if config.connect_timeout_s is not None
+                     else server.upstream_connect_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=timeout_s)
+        self._protocol = Protocol(config.protocol, config.model_name)
+        self._headers = RequestHeaders(config.headers)
+        self._pool = UpstreamPool(
+            name,
+            config.upstreams,
+            eject_after_failures=config.eject_after_failures,
+            eject_for_s=config.eject_for_s,
+            health_path=config.health_path,
+            metrics=env.metrics,
+        )
+        self._retries = config.retries
+        self._seconds: Any = env.metrics.upstream_seconds.labels(name) if env.metrics is not None else NO_METRIC
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- Backend contract ----------------------------------------------------
+
+    def protocol(self) -> str:
+        return self.config.protocol
+
+    def raw_paths(self) -> list[str]:
+        return list(self.config.paths) if self.config.protocol == "raw" else []
+
+    def ready(self) -> bool:
+        return self._session is not None and self._pool.ready()
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """The upstreams and their health (for tests and diagnostics)."""
+        return self._pool.upstreams
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.config.keepalive_timeout_s,
+            ssl=self._ssl(),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one user's upstream cookies to another
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            trust_env=False,
+        )
+        self._pool.bind(self._session, list(self.config.headers.items()))
+
+    async def close(self) -> None:
+        await self._pool.close()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.config.tls_verify:
+            return False
+        if self.config.tls_ca_file is not None:
+            return ssl.create_default_context(cafile=str(self.config.tls_ca_file))
+        return True
+
+    # -- the hot path ----------------------------------------------------------
+
+    async def handle(self, ctx: RequestContext) -> BackendResponse:
+        session = self._session
+        if session is None:
+            raise Unavailable("backend not started")
+        out = self._protocol.outgoing(ctx)
+        request = ctx.request
+        method = request.method
+        identity = ctx.identity
+        subject: str | None = None
+        roles: tuple[str, ...] = ()
+        if identity is not None:
+            subject = identity.subject
+            decision = ctx.decision
+            roles = decision.roles if decision is not None and decision.roles else identity.roles
+        headers = self._headers.build(
+            request.headers, request_id=ctx.request_id, client_ip=ctx.client_ip,
+            secure=request.secure, subject=subject, roles=roles,
+        )
+        pool = self._pool
+        data = out.body or None
+        up = pool.pick()
+        tried: list[Upstream] = []
+        while True:
+            try:
+                resp = await self._send(session, up, method, out.target, data, headers)
+                break
+            except _Failure as failure:
+                up.outcome[failure.outcome].inc()
+                pool.failed(up)
+                tried.append(up)
+                if failure.retryable and len(tried) <= self._retries:
+                    try:
+                        up = pool.pick(exclude=tried)  # always another upstream
+                        continue
+                    except Unavailable:
+                        pass
+                raise failure.error from None
+        return await self._answer(ctx, up, resp, out.stream, out.usage)
+
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        up: Upstream,
+        method: str,
+        target: str,
+        data: bytes | None,
+        headers: list[tuple[str, str]],
+    ) -> aiohttp.ClientResponse:
+        started = time.monotonic()
+        try:
+            resp = await session.request(
+                method, URL(up.base + target, encoded=True), data=data, headers=headers,
+                timeout=self._timeout, allow_redirects=False,
+            )
+        except aiohttp.ConnectionTimeoutError:
+            raise _Failure("timeout", True, BackendTimeout(TIMED_OUT)) from None
+        except TimeoutError:  # includes aiohttp's read timeouts: the request was sent
+            raise _Failure("timeout", False, BackendTimeout(TIMED_OUT)) from None
+        except aiohttp.ClientConnectorError:
+            raise _Failure("error", True, BackendError(CONNECT_FAILED)) from None
+        except aiohttp.ClientResponseError:
+            raise _Failure("error", method in IDEMPOTENT, BackendError(INVALID_ANSWER)) from None
+        except (aiohttp.ClientError, OSError):
+            raise _Failure("error", method in IDEMPOTENT, BackendError(CONNECT_FAILED)) from None
+        except BaseException:
+            self._pool.abandoned(up)  # cancelled: no verdict on the upstream
+            raise
+        self._seconds.observe(time.monotonic() - started)
+        return resp
+
+    async def _answer(
+        self, ctx: RequestContext, up: Upstream, resp: aiohttp.ClientResponse, stream: bool, usage: bool
+    ) -> BackendResponse:
+        status = resp.status
+        pool = self._pool
+        content_type = resp.headers.get("Content-Type") or "application/octet-stream"
+        headers = response_headers(resp.headers)
+        if content_type.startswith("text/event-stream") or (stream and not content_type.startswith("application/json")):
+            # Scored on the headers: a stream may run for minutes. (A JSON error answer to a
+            # stream request is read whole, so the client gets it with a Content-Length.)
+            self._score(up, status)
+            relay = StreamRelay(resp, ctx, scan_usage=usage, on_failure=lambda: pool.failed(up))
+            ctx.on_finish(lambda _ctx: relay.release())
+            return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release)
+        try:
+            body = await resp.read()
+        except TimeoutError:
+            up.outcome["timeout"].inc()
+            pool.failed(up)
+            raise BackendTimeout(TIMED_OUT) from None
+        except (aiohttp.ClientError, OSError):
+            up.outcome["error"].inc()
+            pool.failed(up)
+            raise BackendError(INVALID_ANSWER) from None
+        except BaseException:
+            pool.abandoned(up)
+            raise
+        finally:
+            resp.release()
+        self._score(up, status)
+        if usage and 200 <= status < 300:
+            tokens = answer_usage(body)
+            if tokens is not None:
+                ctx.llm_usage_tokens = tokens
+        return BackendResponse(status, headers, body=body, content_type=content_type)
+
+    def _score(self, up: Upstream, status: int) -> None:
+        if status >= 500:
+            up.outcome["5xx"].inc()
+            self._pool.failed(up)
+        else:
+            up.outcome["ok"].inc()
+            self._pool.succeeded(up)

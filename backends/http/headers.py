@@ -1,0 +1,101 @@
+"""Header hygiene between the client, the gateway and the upstream.
+
+What an upstream sees must be decided by the gateway, not by the caller: the
+client's credentials stay here (the upstream trusts the gateway, not the
+client's token), hop-by-hop headers belong to one connection only, and every
+``X-Maas-*`` / ``X-Forwarded-*`` header the client sent is a forgery until
+proven otherwise, so it is dropped and the gateway's own value is added.
+The drop set is computed once per backend; per request we only walk the
+headers the client actually sent.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from multidict import CIMultiDict
+
+# RFC 9110 section 7.6.1 plus the de-facto Proxy-Connection.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+# Never forwarded: credentials meant for the gateway, headers the client
+# library recomputes (Host, Content-Length) and Expect (the gateway has already
+# read the body; forwarding ``100-continue`` would make the upstream hop wait).
+# Accept-Encoding too: answers must reach the harden stage as plain JSON, or a
+# client asking for gzip would get an un-hardened score vector past it.
+REQUEST_DROP = HOP_BY_HOP | frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "host", "content-length", "expect", "accept-encoding",
+    "forwarded", "x-request-id",
+})
+REQUEST_DROP_PREFIXES = ("x-maas-", "x-forwarded-")
+
+# Content-Type travels in BackendResponse.content_type; the server sets its own
+# length/encoding framing and X-Request-ID.
+RESPONSE_DROP = HOP_BY_HOP | frozenset({"content-length", "content-type", "x-request-id"})
+
+_ADDED = ("X-Request-ID", "X-Forwarded-For", "X-Forwarded-Proto", "X-Maas-Subject", "X-Maas-Roles")
+
+
+def connection_tokens(value: str) -> frozenset[str]:
+    """Header names listed in a ``Connection`` header (they are hop-by-hop too)."""
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+class RequestHeaders:
+    """Builds the header list sent upstream for one backend."""
+
+    __slots__ = ("_drop", "_configured", "_added_mask")
+
+    def __init__(self, configured: Mapping[str, str]) -> None:
+        names = {k.lower() for k in configured}
+        self._drop = REQUEST_DROP | names
+        self._configured = tuple(configured.items())
+        # a configured header with the same name as one the gateway adds wins
+        self._added_mask = tuple(h.lower() not in names for h in _ADDED)
+
+    def build(
+        self,
+        incoming: Mapping[str, str],
+        *,
+        request_id: str,
+        client_ip: str,
+        secure: bool,
+        subject: str | None,
+        roles: Iterable[str],
+    ) -> list[tuple[str, str]]:
+        drop = self._drop
+        named = incoming.get("Connection")
+        if named:
+            drop = drop | connection_tokens(named)
+        out = [
+            (k, v)
+            for k, v in incoming.items()
+            if (low := k.lower()) not in drop and not low.startswith(REQUEST_DROP_PREFIXES)
+        ]
+        added = (
+            request_id,
+            client_ip,
+            "https" if secure else "http",
+            subject,
+            ",".join(roles) if subject is not None else None,
+        )
+        for name, value, keep in zip(_ADDED, added, self._added_mask):
+            if keep and value is not None:
+                out.append((name, value))
+        out.extend(self._configured)
+        return out
+
+
+def response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus framing and hop-by-hop ones.
+
+    A ``CIMultiDict`` (a case-insensitive mapping) so repeated headers such as
+    ``Set-Cookie`` survive.
+    """
+    drop = RESPONSE_DROP
+    named = upstream.get("Connection")
+    if named:
+        drop = drop | connection_tokens(named)
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)

@@ -1,0 +1,103 @@
+"""Which upstream path a request goes to, and what body it carries, per protocol.
+
+The gateway has already normalised the path and matched the route, so the
+upstream gets that one normalised path (never a URL rebuilt from ``Host``).
+Two rewrites exist: ``model_name`` (the upstream knows the model by another
+name: the v2 path segment or the openai body's ``model``), and, for an openai
+stream, asking the upstream to report token usage in its last chunk so the
+quota stage can charge real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from gateway.pipeline import RequestContext, RouteKind
+
+V2_KINDS = frozenset({RouteKind.V2_INFER, RouteKind.V2_METADATA, RouteKind.V2_READY})
+STREAMING_OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One request as it will be sent upstream (minus the upstream's base URL and headers)."""
+
+    target: str  # path and query, percent-encoded
+    body: bytes
+    stream: bool  # the client asked the upstream for a stream (openai ``"stream": true``)
+    usage: bool  # watch the answer for openai token usage
+
+
+class Protocol:
+    """Turns a routed request into an ``Outgoing`` for one backend."""
+
+    __slots__ = ("name", "_model_name", "_model_segment")
+
+    def __init__(self, name: str, model_name: str | None) -> None:
+        self.name = name
+        self._model_name = model_name
+        self._model_segment = quote(model_name, safe="-._~") if model_name else None
+
+    def outgoing(self, ctx: RequestContext) -> Outgoing:
+        body = ctx.forward_body if ctx.forward_body is not None else ctx.body
+        path = ctx.path
+        kind = ctx.route.kind if ctx.route is not None else RouteKind.RAW
+        stream = usage = False
+        if kind is RouteKind.OPENAI:
+            usage = True
+            body, stream = self._openai_body(ctx, body)
+        elif kind in V2_KINDS and self._model_segment is not None:
+            path = self._v2_path(path)
+        target = f"{path}?{ctx.query}" if ctx.query else path
+        return Outgoing(target, body, stream, usage)
+
+    def _v2_path(self, path: str) -> str:
+        # /v2/models/{model}[/...] -> /v2/models/{model_name}[/...]
+        parts = path.split("/", 4)
+        if len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models":
+            parts[3] = self._model_segment  # type: ignore[assignment]
+            return "/".join(parts)
+        return path
+
+    def _openai_body(self, ctx: RequestContext, body: bytes) -> tuple[bytes, bool]:
+        doc = ctx.json
+        if not isinstance(doc, dict):
+            return body, False
+        stream = doc.get("stream") is True
+        changes: dict[str, Any] = {}
+        if self._model_name is not None and doc.get("model") != self._model_name:
+            changes["model"] = self._model_name
+        if stream and ctx.path in STREAMING_OPENAI_PATHS:
+            options = doc.get("stream_options")
+            if options is None:
+                changes["stream_options"] = {"include_usage": True}
+            elif isinstance(options, dict) and "include_usage" not in options:
+                changes["stream_options"] = {**options, "include_usage": True}
+        if changes:
+            body = orjson.dumps({**doc, **changes})
+        return body, stream
+
+
+def total_tokens(doc: Any) -> int | None:
+    """``usage.total_tokens`` of a decoded openai answer (or stream chunk), if it carries one."""
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    return total if type(total) is int and total >= 0 else None
+
+
+def answer_usage(body: bytes) -> int | None:
+    """Token usage from a whole (non-streamed) openai answer; None when absent or unparsable."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        return total_tokens(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None

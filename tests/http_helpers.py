@@ -1,0 +1,110 @@
+"""Helpers for the http backend's tests: request contexts and hand-made upstream misbehaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from backends.base import BackendEnv
+from backends.http import HttpBackend, HttpBackendConfig
+from gateway.config import ServerConfig
+from gateway.metrics import Metrics
+from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
+
+ROUTES = {
+    RouteKind.V2_INFER: ("POST", "infer", True),
+    RouteKind.V2_METADATA: ("GET", "read", False),
+    RouteKind.V2_READY: ("GET", "read", False),
+    RouteKind.OPENAI: ("POST", "infer", True),
+    RouteKind.RAW: ("POST", "infer", False),
+}
+
+
+def make_ctx(
+    kind: RouteKind,
+    path: str,
+    *,
+    model: str | None = "digits",
+    query: str = "",
+    body: bytes = b"",
+    json: Any = None,
+    forward_body: bytes | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    method: str | None = None,
+    subject: str | None = "alice",
+    roles: tuple[str, ...] = ("analyst",),
+    decision_roles: tuple[str, ...] | None = None,
+    client_ip: str = "203.0.113.7",
+    secure: bool = False,
+    request_id: str = "req-1",
+) -> RequestContext:
+    """A RequestContext as the stages before the backend would leave it."""
+    default_method, action, json_body = ROUTES[kind]
+    method = method or default_method
+    if json is not None and not body:
+        body = orjson.dumps(json)
+    target = f"{path}?{query}" if query else path
+    request = make_mocked_request(method, target, headers=CIMultiDict(headers or []),
+                                  sslcontext=object() if secure else None)
+    identity = Identity(subject, roles, {"sub": subject, "roles": list(roles)}, "jwt") if subject is not None else None
+    decision = Decision(True, "test-rule", roles=decision_roles) if decision_roles is not None else None
+    return RequestContext(
+        request=request, request_id=request_id, started=time.monotonic(), client_ip=client_ip, mtls=False,
+        path=path, query=query, route=Route(kind, action, model if kind is not RouteKind.OPENAI else None, json_body),
+        model_name=model, identity=identity, body=body, json=json, forward_body=forward_body, decision=decision,
+    )
+
+
+def make_backend(
+    upstreams: list[str],
+    *,
+    protocol: str = "v2",
+    name: str = "digits",
+    metrics: Metrics | None = None,
+    **options: Any,
+) -> HttpBackend:
+    config = HttpBackendConfig(type="http", protocol=protocol, upstreams=upstreams, **options)  # type: ignore[arg-type]
+    problem = config.validate()
+    assert problem is None, problem
+    return HttpBackend(name, None, config, BackendEnv(server=ServerConfig(upstream_timeout_s=5), metrics=metrics))  # type: ignore[arg-type]
+
+
+async def read_all(response: Any) -> bytes:
+    if response.stream is None:
+        return response.body
+    return b"".join([chunk async for chunk in response.stream])
+
+
+class RawServer:
+    """A TCP server that answers with whatever ``script`` does: for upstreams that break HTTP."""
+
+    def __init__(self, script: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self._script = script
+        self._server: asyncio.base_events.Server | None = None
+        self.connections = 0
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self._script(reader, writer)
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")

@@ -1,0 +1,300 @@
+"""Several upstreams: round-robin, passive ejection, return (trial or probe), and safe retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+from aiohttp import web
+from harness import free_port, start_upstream
+from http_helpers import RawServer, make_backend, make_ctx, read_request_head
+
+from gateway.errors import BackendError, BackendTimeout, Unavailable
+from gateway.metrics import Metrics
+from gateway.pipeline import RouteKind
+
+INFER = "/v2/models/digits/infer"
+
+
+def infer_ctx():
+    return make_ctx(RouteKind.V2_INFER, INFER, json={"inputs": []})
+
+
+async def wait_until(condition, timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_round_robin_spreads_requests_evenly() -> None:
+    a, b = await start_upstream(), await start_upstream()
+    backend = make_backend([a.url, b.url])
+    await backend.start()
+    try:
+        for _ in range(10):
+            assert (await backend.handle(infer_ctx())).status == 200
+    finally:
+        await backend.close()
+        await a.stop()
+        await b.stop()
+    assert (len(a.seen), len(b.seen)) == (5, 5)
+
+
+async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
+    live = await start_upstream()
+    dead_port = free_port()
+    dead_url = f"http://127.0.0.1:{dead_port}"
+    metrics = Metrics()
+    backend = make_backend([live.url, dead_url], retries=0, eject_after_failures=2, eject_for_s=0.4,
+                           metrics=metrics)
+    await backend.start()
+    revived = None
+    try:
+        outcomes = Counter()
+        for _ in range(8):
+            try:
+                await backend.handle(infer_ctx())
+                outcomes["ok"] += 1
+            except BackendError:
+                outcomes["502"] += 1
+        # two failures eject the dead one; everything after goes to the live one
+        assert outcomes == Counter({"ok": 6, "502": 2})
+        dead = backend.upstreams[1]
+        assert not dead.in_rotation
+        healthy = {"model": "digits", "upstream": dead_url}
+        assert metrics.registry.get_sample_value("maas_upstream_healthy", healthy) == 0
+        assert metrics.registry.get_sample_value("maas_upstream_ejections_total", healthy) == 1
+        assert backend.ready()
+
+        revived = await start_upstream(port=dead_port)
+        for _ in range(4):  # still ejected: the revived server gets nothing yet
+            await backend.handle(infer_ctx())
+        assert revived.seen == []
+        await asyncio.sleep(0.45)
+        for _ in range(4):
+            await backend.handle(infer_ctx())
+        assert len(revived.seen) >= 2  # the trial request, then its share of the rotation
+        assert dead.in_rotation
+        assert metrics.registry.get_sample_value("maas_upstream_healthy", healthy) == 1
+    finally:
+        await backend.close()
+        await live.stop()
+        if revived is not None:
+            await revived.stop()
+
+
+async def test_failed_trial_ejects_again() -> None:
+    live = await start_upstream()
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    backend = make_backend([dead_url, live.url], retries=0, eject_after_failures=1, eject_for_s=0.2)
+    await backend.start()
+    try:
+        with pytest.raises(BackendError):
+            await backend.handle(infer_ctx())
+        dead = backend.upstreams[0]
+        assert not dead.in_rotation
+        await asyncio.sleep(0.25)
+        with pytest.raises(BackendError):  # the trial request goes to the dead one and fails
+            await backend.handle(infer_ctx())
+        for _ in range(3):  # ejected again at once: no second trial
+            assert (await backend.handle(infer_ctx())).status == 200
+        assert not dead.in_rotation
+    finally:
+        await backend.close()
+        await live.stop()
+
+
+async def test_5xx_answers_count_towards_ejection() -> None:
+    async def sick(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="boom")
+
+    bad, good = await start_upstream(sick), await start_upstream()
+    backend = make_backend([bad.url, good.url], eject_after_failures=2, eject_for_s=30)
+    await backend.start()
+    try:
+        statuses = [(await backend.handle(infer_ctx())).status for _ in range(8)]
+    finally:
+        await backend.close()
+        await bad.stop()
+        await good.stop()
+    assert statuses.count(500) == 2 and len(bad.seen) == 2
+    assert not backend.upstreams[0].in_rotation
+
+
+async def test_success_resets_the_failure_count() -> None:
+    flaky_calls = 0
+
+    async def flaky(request: web.Request) -> web.Response:
+        nonlocal flaky_calls
+        flaky_calls += 1
+        return web.Response(status=502 if flaky_calls % 2 else 200)
+
+    up = await start_upstream(flaky)
+    backend = make_backend([up.url], eject_after_failures=2)
+    await backend.start()
+    try:
+        for _ in range(6):  # fail, ok, fail, ok...: never two in a row
+            await backend.handle(infer_ctx())
+    finally:
+        await backend.close()
+        await up.stop()
+    assert backend.upstreams[0].in_rotation
+
+
+async def test_all_ejected_is_503_until_the_ejection_runs_out() -> None:
+    port = free_port()
+    backend = make_backend([f"http://127.0.0.1:{port}"], retries=0, eject_after_failures=1, eject_for_s=0.3)
+    await backend.start()
+    revived = None
+    try:
+        with pytest.raises(BackendError):
+            await backend.handle(infer_ctx())
+        with pytest.raises(Unavailable) as info:
+            await backend.handle(infer_ctx())
+        assert info.value.status == 503
+        assert not backend.ready()
+        revived = await start_upstream(port=port)
+        await asyncio.sleep(0.35)
+        assert backend.ready()  # may be tried again: readiness must not lock it out for good
+        assert (await backend.handle(infer_ctx())).status == 200
+        assert backend.upstreams[0].in_rotation
+    finally:
+        await backend.close()
+        if revived is not None:
+            await revived.stop()
+
+
+async def test_connect_refused_is_retried_on_the_other_upstream() -> None:
+    live = await start_upstream()
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    backend = make_backend([dead_url, live.url], retries=1, eject_after_failures=100)
+    await backend.start()
+    try:
+        for _ in range(6):  # POSTs too: a refused connection never received a byte
+            assert (await backend.handle(infer_ctx())).status == 200
+    finally:
+        await backend.close()
+        await live.stop()
+    assert len(live.seen) == 6
+
+
+async def test_retries_zero_means_no_retry() -> None:
+    live = await start_upstream()
+    backend = make_backend([f"http://127.0.0.1:{free_port()}", live.url], retries=0)
+    await backend.start()
+    try:
+        with pytest.raises(BackendError):
+            await backend.handle(infer_ctx())
+    finally:
+        await backend.close()
+        await live.stop()
+    assert live.seen == []
+
+
+async def test_post_timeout_is_never_retried() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.wait_for(release.wait(), 5)
+        return web.Response(text="late")
+
+    slow_up, fast_up = await start_upstream(slow), await start_upstream()
+    backend = make_backend([slow_up.url, fast_up.url], retries=3, timeout_s=0.3)
+    await backend.start()
+    try:
+        with pytest.raises(BackendTimeout):
+            await backend.handle(infer_ctx())
+    finally:
+        release.set()
+        await backend.close()
+        await slow_up.stop()
+        await fast_up.stop()
+    assert len(slow_up.seen) == 1 and fast_up.seen == []
+
+
+def _hang_up_after_request():
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)  # the request reached us; then we drop the connection
+    return script
+
+
+async def test_post_is_not_retried_after_the_upstream_hung_up() -> None:
+    rude = RawServer(_hang_up_after_request())
+    good = await start_upstream()
+    backend = make_backend([await rude.start(), good.url], retries=1)
+    await backend.start()
+    try:
+        with pytest.raises(BackendError):
+            await backend.handle(infer_ctx())
+    finally:
+        await backend.close()
+        await rude.stop()
+        await good.stop()
+    assert rude.connections >= 1 and good.seen == []
+
+
+async def test_get_is_retried_after_the_upstream_hung_up() -> None:
+    rude = RawServer(_hang_up_after_request())
+    good = await start_upstream()
+    backend = make_backend([await rude.start(), good.url], retries=1)
+    await backend.start()
+    try:
+        response = await backend.handle(make_ctx(RouteKind.V2_METADATA, "/v2/models/digits"))
+    finally:
+        await backend.close()
+        await rude.stop()
+        await good.stop()
+    assert response.status == 200 and len(good.seen) == 1
+
+
+async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
+    healthy = False
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/health":
+            return web.Response(status=200 if healthy else 503)
+        return web.Response(status=500)
+
+    up = await start_upstream(handler)
+    backend = make_backend([up.url], eject_after_failures=1, eject_for_s=0.1, health_path="/health",
+                           headers={"Authorization": "Bearer upstream-secret"})
+    await backend.start()
+    try:
+        await backend.handle(infer_ctx())  # 500: ejected
+        assert not backend.upstreams[0].in_rotation
+        assert not backend.ready()
+        with pytest.raises(Unavailable):  # with a health path, requests never trial an ejected upstream
+            await backend.handle(infer_ctx())
+        await wait_until(lambda: any(s.path == "/health" for s in up.seen))
+        await asyncio.sleep(0.25)
+        assert not backend.upstreams[0].in_rotation  # probes answered 503
+        healthy = True
+        await wait_until(lambda: backend.upstreams[0].in_rotation)
+        assert backend.ready()
+    finally:
+        await backend.close()
+        await up.stop()
+    probes = [s for s in up.seen if s.path == "/health"]
+    assert len(probes) >= 2 and all(s.method == "GET" for s in probes)
+    assert probes[0].headers["Authorization"] == "Bearer upstream-secret"
+
+
+async def test_each_retry_goes_to_an_upstream_not_yet_tried() -> None:
+    live = await start_upstream()
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    backend = make_backend([*dead, live.url], retries=2, eject_after_failures=100)
+    await backend.start()
+    try:
+        assert (await backend.handle(infer_ctx())).status == 200  # dead, dead, live
+        with pytest.raises(BackendError):  # one retry only: dead, dead
+            backend._retries = 1
+            backend._pool._next = 0
+            await backend.handle(infer_ctx())
+    finally:
+        await backend.close()
+        await live.stop()
+    assert len(live.seen) == 1
+    assert [u.failures for u in backend.upstreams[:2]] == [2, 2]

@@ -1,0 +1,115 @@
+"""`maas-gateway serve` as a process: graceful drain on SIGTERM, exit 0, workers sharing one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_upstream, v2_model, write_yaml
+
+V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+
+
+async def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
+def spawn(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, keys: Keys) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.json_response({"outputs": []})
+
+    up = await start_upstream(slow)
+    port, admin = free_port(), free_port()
+    config = gateway_config(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                            server={"port": port}, admin={"port": admin})
+    path = write_yaml(tmp_path / "gateway.yaml", config)
+    proc = spawn(path)
+    try:
+        await wait_ready(f"http://127.0.0.1:{admin}/readyz")
+        async with aiohttp.ClientSession() as s:
+            pending = asyncio.create_task(s.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=V2_BODY,
+                                                 headers=keys.auth()))
+            await asyncio.sleep(0.3)  # the request is in flight at the upstream
+            proc.send_signal(signal.SIGTERM)
+            r = await pending
+            assert r.status == 200  # finished, not cut
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 20)
+        assert code == 0, proc.stdout.read() if proc.stdout else ""
+        # audit flushed on the way out
+        assert (tmp_path / "audit.log").read_text().count("\n") >= 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await up.stop()
+
+
+async def test_workers_share_one_port(tmp_path: Path, keys: Keys) -> None:
+    up = await start_upstream()
+    port, admin = free_port(), free_port()
+    config = gateway_config(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                            server={"port": port}, admin={"port": admin})
+    path = write_yaml(tmp_path / "gateway.yaml", config)
+    proc = spawn(path, "--workers", "2")
+    try:
+        await wait_ready(f"http://127.0.0.1:{admin}/readyz")
+        async with aiohttp.ClientSession() as s:
+            statuses = []
+            for _ in range(20):
+                async with s.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=V2_BODY,
+                                  headers={**keys.auth(), "Connection": "close"}) as r:
+                    statuses.append(r.status)
+        assert statuses == [200] * 20
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+        assert code == 0
+    finally:
+        if proc.poll() is None:
+            for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+                os.kill(int(child), signal.SIGKILL)
+            proc.kill()
+        await up.stop()
+
+
+def test_check_reports_findings_and_exit_codes(tmp_path: Path, keys: Keys) -> None:
+    config = gateway_config(tmp_path, keys, models={"digits": v2_model("http://127.0.0.1:9")}, policy=ALLOW_ANALYSTS)
+    path = write_yaml(tmp_path / "gateway.yaml", config)
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    config["server"]["host"] = "0.0.0.0"
+    config["policy"] = {"file": str(write_yaml(tmp_path / "open.yaml", {"rules": [
+        {"id": "open-door", "roles": ["*"], "models": ["*"], "actions": ["*"], "effect": "allow"}]}))}
+    write_yaml(path, config)
+    bad = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "plain HTTP on non-loopback" in bad.stdout
+    assert "open-door" in bad.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("server: {port: nope}\n")
+    err = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(broken)], capture_output=True, text=True)
+    assert err.returncode == 1 and "broken.yaml:1: server.port" in err.stderr and "Traceback" not in err.stderr
