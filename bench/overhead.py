@@ -165,7 +165,7 @@ def start_gateway(config: Path, workers: int) -> tuple[subprocess.Popen, int]:
 
 def run_wrk(port: int, conns: int, duration: float, lua: Path, body: Path, auth: str) -> dict:
     env = {**os.environ, "BODY_FILE": str(body), "AUTH": auth}
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "-s", str(lua),
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(round(duration)))}s", "--timeout", "5s", "-s", str(lua),
            f"http://127.0.0.1:{port}/v2/models/digits/infer"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60).stdout
     m = re.search(r"BENCHJSON (\{.*\})", out)

@@ -110,7 +110,9 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     gateway = Gateway(config)
     await gateway.start()
     server_cfg = config.server
-    server = _Server(gateway.handle, handler_cancellation=True, access_log=None)
+    jwt = config.auth.jwt
+    max_field = max(8190, (jwt.max_token_bytes if jwt else 0) + 64)  # a too-long token is our 401, not aiohttp's 400
+    server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
     runners: list[web.BaseRunner] = []
     try:
