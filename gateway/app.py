@@ -111,8 +111,8 @@ class Gateway:
             if hasattr(component, "reload"):
                 name = getattr(component, "name", type(component).__name__)
                 try:
-                    await _maybe(component, "reload")
-                    self.metrics.config_reloads.labels(name, "ok").inc()
+                    ok = await _maybe(component, "reload")
+                    self.metrics.config_reloads.labels(name, "error" if ok is False else "ok").inc()
                 except Exception as exc:
                     self.metrics.config_reloads.labels(name, "error").inc()
                     log.error("reload of %s failed, keeping the last good state: %s", name, exc)
@@ -267,10 +267,11 @@ def _common_name(cert: dict[str, Any]) -> str | None:
     return None
 
 
-async def _maybe(obj: Any, method: str) -> None:
+async def _maybe(obj: Any, method: str) -> Any:
     fn = getattr(obj, method, None)
     if fn is None:
-        return
+        return None
     result = fn()
     if inspect.isawaitable(result):
-        await result
+        result = await result
+    return result

@@ -88,24 +88,15 @@ def collect(config: GatewayConfig) -> list[Finding]:
 
 
 def _policy_findings(config: GatewayConfig) -> list[Finding]:
+    """Compile the policy (bad `when` expressions fail with rule id and line), then lint it."""
+    from .policy.compile import compile_policy
     from .policy.document import load_document
+    from .policy.testing import lint
 
     assert config.policy is not None
     document = load_document(str(config.policy.file))
-    try:  # compiling catches bad `when` expressions with rule id and line
-        from .policy.compile import compile_policy
-
-        compile_policy(document)
-    except ImportError:
-        pass
-    out = []
-    for rule in document.rules:
-        if rule.effect == "allow" and rule.mode == "enforce" and rule.roles == ["*"] and rule.models == ["*"] \
-                and rule.actions == ["*"]:
-            severity: Severity = "medium" if rule.when else "high"
-            out.append(Finding(severity, f"{config.policy.file}:{rule.line}",
-                               f"rule {rule.id!r} allows every role, model and action"))
-    return out
+    compile_policy(document, config.policy.model_file)
+    return lint(document)
 
 
 def _model_findings(name: str, typed: object) -> list[Finding]:

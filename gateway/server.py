@@ -111,7 +111,8 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     await gateway.start()
     server_cfg = config.server
     jwt = config.auth.jwt
-    max_field = max(8190, (jwt.max_token_bytes if jwt else 0) + 64)  # a too-long token is our 401, not aiohttp's 400
+    # headers up to 32 KiB reach us, so a too-long token is our 401 rather than the HTTP parser's 400
+    max_field = max(32_768, (jwt.max_token_bytes if jwt else 0) * 2)
     server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
     runners: list[web.BaseRunner] = []

@@ -1,0 +1,206 @@
+"""Decisions: Casbin decides, ``when`` conditions feed it, a cache keeps it cheap.
+
+How a condition reaches Casbin. Casbin's own matcher evaluation has no
+"unknown": a missing attribute is an error or false, and false on a deny rule
+would open a door. So the matcher ends with ``cond(p.id, r.env)``, and ``r.env``
+is an ``Evaluation`` for this request. Casbin only calls ``cond`` for rows whose
+role, model pattern and action already matched (the matcher short-circuits),
+so a rule's condition is evaluated lazily, at most once per request, and only
+when it could matter. ``cond`` maps three-valued outcomes to a row match:
+an allow row matches only when its condition is TRUE; a deny row matches unless
+its condition is FALSE (a missing claim never opens a door).
+
+Which rule decided. Deny rows come first and Casbin stops at the first matching
+deny, whose row (with the rule id column) ``enforce_ex`` returns. When Casbin
+allows, the first allow whose ``cond`` matched is the deciding rule (noted by
+``cond`` as Casbin visits the rows). Otherwise: ``default-deny``.
+
+Shadow rules live in a second enforcer that only observes: there ``cond``
+notes each matching shadow rule and answers false, so Casbin visits every row.
+A matching shadow deny would deny; a matching shadow allow would allow unless an
+enforced deny decided.
+
+The decision cache. Evaluation is deterministic in what it reads: every
+attribute read is recorded (``Facts.reads``) with a value token, and two
+requests with the same effective roles, model and action, and the same tokens
+at the same paths, evaluate identically. So a decision is cached under
+(roles, model, action) + the paths it read + their tokens, and found again by
+re-reading those paths. Decisions that read any ``request.*`` attribute are not
+cached. Each compiled policy gets a fresh cache: a reload invalidates it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..pipeline import Decision
+from .compile import DEFAULT_DENY, ID_COLUMN, CompiledPolicy, CompiledRule
+from .when import UNKNOWN, Facts, Path, Truth, value_token
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+MAX_SHAPES = 16  # distinct read-sets remembered per (roles, model, action)
+
+
+class Evaluation:
+    """One request's pass through the enforcers; Casbin calls ``cond`` on it."""
+
+    __slots__ = ("facts", "rules", "outcomes", "allows", "collect", "shadow_hits")
+
+    def __init__(self, facts: Facts, rules: Mapping[str, CompiledRule]) -> None:
+        self.facts = facts
+        self.rules = rules
+        self.outcomes: dict[str, Truth] = {}
+        self.allows: list[str] = []
+        self.collect = False
+        self.shadow_hits: list[str] = []
+
+    def outcome(self, rule: CompiledRule) -> Truth:
+        found = self.outcomes.get(rule.id)
+        if found is None:
+            found = True if rule.condition is None else rule.condition.evaluate(self.facts)
+            self.outcomes[rule.id] = found
+        return found
+
+    def cond(self, rule_id: str) -> bool:
+        rule = self.rules.get(rule_id)
+        if rule is None:
+            return False
+        outcome = self.outcome(rule)
+        applies = outcome is True if rule.allow else outcome is not False
+        if self.collect:  # shadow pass: note it, never let it count
+            if applies and rule_id not in self.shadow_hits:
+                self.shadow_hits.append(rule_id)
+            return False
+        if applies and rule.allow and rule_id not in self.allows:
+            self.allows.append(rule_id)
+        return applies
+
+    def __repr__(self) -> str:  # Casbin formats its arguments for its (disabled) log on every call
+        return "<evaluation>"
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A decision with the reasoning a security team needs to trust it."""
+
+    decision: Decision
+    outcomes: Mapping[str, Truth]  # rule id -> condition outcome, for rules Casbin reached
+    reads: Mapping[Path, Any]  # attribute path -> value token
+    cacheable: bool
+
+
+class DecisionCache:
+    """Bounded LRU of decisions keyed by (roles, model, action) + what the decision read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, size)
+        self._entries: OrderedDict[tuple[Any, ...], Decision] = OrderedDict()
+        self._shapes: dict[tuple[Any, ...], list[tuple[Path, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, base: tuple[Any, ...], facts: Facts) -> Decision | None:
+        shapes = self._shapes.get(base)
+        if not shapes:
+            return None
+        for paths in shapes:
+            key = (base, paths, tuple([value_token(facts.lookup(p)) for p in paths]))
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        return None
+
+    def put(self, base: tuple[Any, ...], reads: Mapping[Path, Any], decision: Decision) -> None:
+        if self.size == 0:
+            return
+        paths = tuple(reads)
+        shapes = self._shapes.get(base)
+        if shapes is None:
+            if len(self._shapes) >= self.size:
+                self._shapes.clear()  # orphaned entries age out of the LRU below
+            shapes = self._shapes[base] = []
+        if paths not in shapes:
+            if len(shapes) >= MAX_SHAPES:
+                return
+            shapes.append(paths)
+        self._entries[(base, paths, tuple(reads.values()))] = decision
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class PolicyEnforcer:
+    """Decisions for one compiled policy. Build a new one per load: its cache dies with it."""
+
+    def __init__(self, compiled: CompiledPolicy, cache_size: int = 10_000, metrics: Metrics | None = None) -> None:
+        self.compiled = compiled
+        self.cache = DecisionCache(cache_size)
+        self._hit = metrics.policy_cache.labels(result="hit") if metrics else None
+        self._miss = metrics.policy_cache.labels(result="miss") if metrics else None
+
+    @property
+    def document(self) -> Any:
+        return self.compiled.document
+
+    def decide(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
+               labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Decision:
+        effective = self.compiled.effective_roles(subject, roles)
+        facts = make_facts(subject, roles, claims, model, labels, request)
+        base = (effective, model, action)
+        found = self.cache.get(base, facts)
+        if found is not None:
+            if self._hit is not None:
+                self._hit.inc()
+            return found
+        if self._miss is not None:
+            self._miss.inc()
+        decision, evaluation = self._evaluate(effective, model, action, facts)
+        if not facts.read_request:
+            self.cache.put(base, facts.reads, decision)
+        return decision
+
+    def explain(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
+                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Explanation:
+        """The uncached decision plus each reached rule's condition outcome and what was read."""
+        effective = self.compiled.effective_roles(subject, roles)
+        facts = make_facts(subject, roles, claims, model, labels, request)
+        decision, evaluation = self._evaluate(effective, model, action, facts)
+        return Explanation(decision, dict(evaluation.outcomes), dict(facts.reads), not facts.read_request)
+
+    def _evaluate(self, roles: tuple[str, ...], model: str, action: str, facts: Facts) -> tuple[Decision, Evaluation]:
+        compiled = self.compiled
+        evaluation = Evaluation(facts, compiled.rules)
+        subject_roles = (*roles, "*")  # "*" in a rule's roles matches every subject, even one with no roles
+        allowed, explain = compiled.enforcer.enforce_ex(subject_roles, model, action, evaluation)
+        if explain:
+            rule = str(explain[ID_COLUMN])
+        elif allowed:
+            rule = evaluation.allows[0] if evaluation.allows else "unnamed-allow"
+        else:
+            rule = DEFAULT_DENY
+        shadow: tuple[tuple[str, bool], ...] = ()
+        if compiled.shadow_enforcer is not None:
+            evaluation.collect = True
+            compiled.shadow_enforcer.enforce_ex(subject_roles, model, action, evaluation)
+            denied_by_rule = not allowed and rule != DEFAULT_DENY
+            shadow = tuple((rule_id, compiled.rules[rule_id].allow and not denied_by_rule)
+                           for rule_id in evaluation.shadow_hits)
+        return Decision(bool(allowed), rule, roles, shadow), evaluation
+
+
+def make_facts(subject: str, roles: Any, claims: Mapping[str, Any], model: str,
+               labels: Mapping[str, Any] | None, request: Mapping[str, Any]) -> Facts:
+    """The ``subject``/``model``/``request`` views a condition reads; claims are not copied when complete."""
+    if claims.get("sub") != subject or "roles" not in claims:
+        token_roles = list(roles) if isinstance(roles, (list, tuple)) else roles
+        claims = {**claims, "sub": subject, "roles": claims.get("roles", token_roles)}
+    return Facts(claims, {"name": model, "labels": labels or {}}, request)
+
+
+def truth_name(value: Truth) -> str:
+    return "unknown" if value is UNKNOWN else ("true" if value else "false")
