@@ -79,6 +79,11 @@ class Gateway:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
+        from .preflight import check_requirements
+
+        problems = check_requirements(self.config)
+        if problems:
+            raise ConfigError(problems[0])
         for component in self._components:
             await _maybe(component, "start")
         for name, backend in self.backends.items():

@@ -84,6 +84,10 @@ def collect(config: GatewayConfig) -> list[Finding]:
             out.append(Finding("medium", "quota.store", "memory store with several workers: each worker keeps its own limits"))
     for name, typed in config.backend_configs.items():
         out.extend(_model_findings(name, typed))
+    from .preflight import check_requirements
+
+    for problem in check_requirements(config):
+        out.append(Finding("high", "models", problem))
     return out
 
 

@@ -1,0 +1,287 @@
+"""The local torch runner as a gateway backend: v2 metadata, ready and infer.
+
+``start`` reads the artifact (decrypt, verify, load), warms the model up and
+starts the batching worker. A model that cannot be loaded safely is never
+served: start-up fails naming the model and the reason, or, with
+``start_degraded``, the gateway runs without it (``ready`` false, infer 503).
+torch is imported only here in ``start``, so loading a config never pays for
+(or needs) torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from backends.base import Backend, BackendEnv
+from gateway.config import TensorSpec
+from gateway.errors import ConfigError, InvalidRequest, NotFound, Unavailable
+from gateway.pipeline import BackendResponse, RequestContext, RouteKind
+
+from .config import TorchBackendConfig
+
+if TYPE_CHECKING:
+    from gateway.config import ModelConfig
+
+    from .loader import LoadedModel
+    from .runner import BatchRunner
+
+log = logging.getLogger("maas.torch")
+
+_NP_DTYPES = {"FP32": np.float32, "INT64": np.int64}
+MAX_REQUEST_SAMPLES = 4096  # one request's batch dimension; the body size limit bounds it too
+
+
+def default_threads() -> int:
+    """Half the cores, at most 4: the event loop (JSON, auth, policy) needs the other half, and
+    intra-op parallelism stops paying off for small batches well before 4 threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+class TorchBackend(Backend):
+    config_class = TorchBackendConfig
+    config: TorchBackendConfig
+
+    def __init__(self, name: str, model: ModelConfig, config: Any, env: BackendEnv) -> None:
+        super().__init__(name, model, config, env)
+        self._runner: BatchRunner | None = None
+        self._loaded: LoadedModel | None = None
+        self._failure: str | None = None
+        self._input_shape: tuple[int, ...] = ()
+        self._output_shape: tuple[int, ...] = ()
+        self._output_datatype = "FP32"
+        self._metadata_body = b""
+        self.info: dict[str, Any] = {}  # what was loaded: format, encrypted, signed, sha256, device
+
+    def protocol(self) -> str:
+        return "v2"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except _Refused as exc:
+            reason = str(exc)
+            if not self.config.start_degraded:
+                raise ConfigError(f"model {self.name}: {reason}") from None
+            self._failure = reason
+            log.error("model %s is not served (start_degraded): %s", self.name, reason)
+            return
+        from .runner import BatchRunner
+
+        cfg = self.config
+        runner = BatchRunner(self._forward, name=self.name, max_batch_size=cfg.max_batch_size,
+                             max_batch_delay_s=cfg.max_batch_delay_ms / 1000.0, max_queue=cfg.max_queue,
+                             metrics=self.env.metrics)
+        await runner.start()
+        try:  # warm-up in the worker thread itself: first-call allocations and kernel choice happen now
+            warm = np.zeros((cfg.max_batch_size, *self._input_shape), self._input_dtype())
+            await asyncio.to_thread(runner.run_sync, [warm])
+        except Exception as exc:
+            await runner.close(0)
+            raise ConfigError(f"model {self.name}: warm-up failed: {exc}") from None
+        self._runner = runner
+        log.info("model %s: %s loaded (%s%s), device %s, batch <= %d, %d thread(s)", self.name,
+                 self.info["format"], "encrypted, " if self.info["encrypted"] else "",
+                 "signature verified" if self.info["signed"] else "unsigned", self.info["device"],
+                 cfg.max_batch_size, self.info["threads"])
+
+    def _load(self) -> None:
+        """Everything slow and blocking: runs in a thread so start-up of other parts is not frozen."""
+        import torch
+
+        from .loader import ModelLoadError, load_key, load_module, load_verify_key, read_verified
+
+        cfg = self.config
+        threads = cfg.threads or default_threads()
+        torch.set_num_threads(threads)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise _Refused("device: cuda is configured but CUDA is not available")
+        try:
+            key = load_key(key_env=cfg.key_env, key_file=cfg.key_file)
+            verify_key = load_verify_key(cfg.verify_key_file)
+            verified = read_verified(cfg.path, key=key, verify_key=verify_key)
+            loaded = load_module(verified.data, arch=cfg.arch, device=device)
+        except ModelLoadError as exc:
+            raise _Refused(str(exc)) from None
+        self.info = {"format": loaded.format, "encrypted": verified.encrypted, "signed": verified.signed,
+                     "sha256": verified.sha256, "device": device, "threads": threads}
+        del verified
+        self._loaded = loaded
+        shape = cfg.input_shape or self._declared_input_shape() or loaded.input_shape
+        if not shape:
+            raise _Refused("input_shape is unknown: set input_shape in the backend config "
+                           "(TorchScript carries none)")
+        self._input_shape = tuple(shape)
+        try:
+            probe = self._forward([np.zeros((1, *self._input_shape), self._input_dtype())])
+        except Exception as exc:  # e.g. a TorchScript model that wants another input_shape
+            raise _Refused(f"test run with input shape [1, {', '.join(map(str, self._input_shape))}] failed: "
+                           f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}") from None
+        self._output_shape = tuple(cfg.output_shape or probe.shape[1:])
+        if tuple(probe.shape[1:]) != self._output_shape:
+            raise _Refused(f"output_shape {list(self._output_shape)} does not match the model's {list(probe.shape[1:])}")
+        self._output_datatype = "INT64" if probe.dtype.kind in "iu" else "FP32"
+        self._metadata_body = orjson.dumps(self._metadata())
+
+    def _declared_input_shape(self) -> tuple[int, ...] | None:
+        for spec in self.model.inputs or ():
+            if spec.name == self.config.input_name and len(spec.shape) >= 2:
+                return tuple(spec.shape[1:])
+        return None
+
+    def _input_dtype(self) -> Any:
+        return _NP_DTYPES[self.config.input_datatype]
+
+    def _forward(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """One forward pass over a whole batch; runs in the worker thread."""
+        import torch
+
+        loaded = self._loaded
+        assert loaded is not None
+        x = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        tensor = torch.from_numpy(x)
+        if loaded.device != "cpu":
+            tensor = tensor.to(loaded.device, non_blocking=True)
+        with torch.inference_mode():
+            out = loaded.module(tensor)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.is_floating_point() and out.dtype != torch.float32:
+            out = out.float()
+        elif not out.is_floating_point():
+            out = out.long()
+        return out.cpu().numpy()
+
+    def ready(self) -> bool:
+        return self._runner is not None
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.close(self.env.server.shutdown_timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        return self._runner.stats() if self._runner is not None else {}
+
+    def declared_inputs(self) -> list[TensorSpec] | None:
+        """The input the loaded model takes, for the validate stage (None until loaded)."""
+        if not self._input_shape:
+            return None
+        return [TensorSpec(self.config.input_name, self.config.input_datatype, [-1, *self._input_shape])]
+
+    # -- requests ------------------------------------------------------------------
+
+    async def handle(self, ctx: RequestContext) -> BackendResponse:
+        kind = ctx.route.kind if ctx.route else None
+        if kind is RouteKind.V2_INFER:
+            return await self._infer(ctx)
+        if kind is RouteKind.V2_READY:
+            ready = self.ready()
+            return _json(200 if ready else 503, {"name": self.name, "ready": ready})
+        if kind is RouteKind.V2_METADATA:
+            if not self._metadata_body:
+                raise Unavailable(f"model {self.name} is not available")
+            return BackendResponse(200, body=self._metadata_body)
+        raise NotFound("route not served by this model")
+
+    def _metadata(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "name": self.name,
+            "versions": [cfg.version],
+            "platform": f"pytorch_{self.info.get('format', 'unknown')}",
+            "inputs": [{"name": cfg.input_name, "datatype": cfg.input_datatype, "shape": [-1, *self._input_shape]}],
+            "outputs": [{"name": cfg.output_name, "datatype": self._output_datatype,
+                         "shape": [-1, *self._output_shape]}],
+        }
+
+    async def _infer(self, ctx: RequestContext) -> BackendResponse:
+        runner = self._runner
+        if runner is None:
+            raise Unavailable(f"model {self.name} is not available")
+        payload = ctx.json
+        if payload is None and ctx.body:
+            try:
+                payload = orjson.loads(ctx.forward_body or ctx.body)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("body is not valid JSON") from None
+        inputs = self._parse(payload)
+        outputs = await runner.infer(inputs)
+        cfg = self.config
+        flat = outputs.reshape(-1)
+        tensor = {"name": cfg.output_name, "datatype": self._output_datatype, "shape": list(outputs.shape)}
+        answer: dict[str, Any] = {"model_name": self.name, "model_version": cfg.version}
+        request_id = payload.get("id")
+        if isinstance(request_id, str):
+            answer["id"] = request_id
+        # body: numpy serialised by orjson (float32 printed at float32 precision); json: plain lists for harden
+        answer["outputs"] = [{**tensor, "data": flat}]
+        body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+        answer["outputs"] = [{**tensor, "data": flat.tolist()}]
+        return BackendResponse(200, body=body, json=answer)
+
+    def _parse(self, payload: Any) -> np.ndarray:
+        """The request's single input tensor as an array of shape (n, *input_shape); 400 on any mismatch."""
+        cfg = self.config
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+            raise InvalidRequest("body must be a v2 inference request with an 'inputs' list")
+        tensors = payload["inputs"]
+        if len(tensors) != 1 or not isinstance(tensors[0], dict):
+            raise InvalidRequest(f"model {self.name} takes exactly one input tensor, {cfg.input_name!r}")
+        t = tensors[0]
+        if t.get("name") != cfg.input_name:
+            raise InvalidRequest(f"unknown input {t.get('name')!r}; model {self.name} takes {cfg.input_name!r}")
+        datatype = t.get("datatype")
+        if datatype not in _NP_DTYPES:
+            raise InvalidRequest(f"input {cfg.input_name!r}: datatype must be FP32 or INT64, got {datatype!r}")
+        shape = t.get("shape")
+        expected = [-1, *self._input_shape]
+        if (not isinstance(shape, list) or len(shape) != len(expected)
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or list(shape[1:]) != list(self._input_shape) or not 1 <= shape[0] <= MAX_REQUEST_SAMPLES):
+            raise InvalidRequest(f"input {cfg.input_name!r}: shape must be [n, {', '.join(map(str, self._input_shape))}]"
+                                 f" with 1 <= n <= {MAX_REQUEST_SAMPLES}, got {shape!r}")
+        requested = payload.get("outputs")
+        if isinstance(requested, list):
+            for out in requested:
+                if not isinstance(out, dict) or out.get("name") != cfg.output_name:
+                    raise InvalidRequest(f"unknown output requested; model {self.name} has {cfg.output_name!r}")
+        data = t.get("data")
+        if not isinstance(data, list):
+            raise InvalidRequest(f"input {cfg.input_name!r}: data must be a list")
+        try:
+            array = np.asarray(data)
+        except (ValueError, TypeError, OverflowError):
+            array = None
+        allowed = "iu" if datatype == "INT64" else "fiu"  # no strings, booleans, objects; no floats for INT64
+        if array is None or array.dtype.kind not in allowed:
+            raise InvalidRequest(f"input {cfg.input_name!r}: data must be {datatype} numbers in a flat or "
+                                 "rectangular nested list")
+        needed = math.prod(shape)
+        if array.size != needed:
+            raise InvalidRequest(f"input {cfg.input_name!r}: shape {shape} needs {needed} values, data has {array.size}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = array.reshape(shape).astype(self._input_dtype(), copy=False)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidRequest(f"input {cfg.input_name!r}: values must be finite numbers within FP32 range")
+        return array
+
+
+class _Refused(Exception):
+    """Internal: the model must not be served, for the reason in ``str()``."""
+
+
+def _json(status: int, doc: dict[str, Any]) -> BackendResponse:
+    return BackendResponse(status, body=orjson.dumps(doc), json=doc)

@@ -1,0 +1,58 @@
+"""The ``backend:`` section of a model served by the local torch runner.
+
+Kept free of any torch import: the config loader builds this for
+``maas-gateway check`` on machines where torch may not even be installed.
+Paths are resolved relative to the config file by the typed YAML loader.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class TorchBackendConfig:
+    type: str
+    path: Path  # safetensors or TorchScript, plain or encrypted (told apart by content)
+    arch: str | None = None  # for safetensors: a registered name or "package.module:Class"
+    key_env: str | None = None  # env var holding the base64url AES-256 key
+    key_file: Path | None = None  # or a file holding it
+    verify_key_file: Path | None = None  # Ed25519 public key (PEM): a valid ARTIFACT.sig is then required
+    max_batch_size: int = 64  # samples per forward pass
+    max_batch_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_queue: int = 1024  # requests waiting; beyond it 503 with Retry-After
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None  # torch intra-op threads; default: half the cores, at most 4
+    start_degraded: bool = False  # on a load failure serve the other models (this one 503s) instead of exiting
+    input_name: str = "input"
+    output_name: str = "output"
+    input_shape: list[int] | None = None  # one sample, no batch dimension; default: the arch's
+    output_shape: list[int] | None = None
+    input_datatype: Literal["FP32", "INT64"] = "FP32"  # what the model's forward() takes
+    version: str = "1"
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.type != "torch":
+            return "type", "expected 'torch'"
+        if self.key_env and self.key_file:
+            return "key_file", "give key_env or key_file, not both"
+        if self.key_env is not None and not _ENV_NAME.match(self.key_env):
+            return "key_env", "must be an environment variable name (the key itself never goes in the config)"
+        if self.max_batch_size < 1:
+            return "max_batch_size", "must be at least 1"
+        if not 0 <= self.max_batch_delay_ms <= 10_000:
+            return "max_batch_delay_ms", "must be between 0 and 10000"
+        if self.max_queue < 1:
+            return "max_queue", "must be at least 1"
+        if self.threads is not None and not 1 <= self.threads <= 256:
+            return "threads", "must be between 1 and 256"
+        for key in ("input_shape", "output_shape"):
+            shape = getattr(self, key)
+            if shape is not None and (not shape or any(d < 1 for d in shape)):
+                return key, "must list positive dimensions of one sample (no batch dimension)"
+        return None
