@@ -194,6 +194,18 @@ def _worker_main(config_path: str, index: int) -> None:
 
 
 def _supervise(config_path: str, count: int) -> int:
+    import shutil
+    import tempfile
+
+    metrics_dir = tempfile.mkdtemp(prefix="maas-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    try:
+        return _run_workers(config_path, count)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(config_path: str, count: int) -> int:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(config_path, i), name=f"maas-worker-{i}") for i in range(count)]
     for p in procs:
