@@ -65,7 +65,7 @@ class Gateway:
         self.body = body.build(services)
         self.authorize = authorize.build(services)
         self.quota = quota.build(services)
-        self.validate = validate.build(services)
+        self.validate = validate.build(services, declared_inputs=self._declared_inputs)
         self.harden = harden.build(services)
         # the checks between reading the body and calling the backend, in order
         self.checks = [s for s in (self.authorize, self.quota, self.validate) if s is not None]
@@ -75,6 +75,11 @@ class Gateway:
             self.audit = audit_mod.AuditLog(config.audit.file, self.metrics)
         self._components = [c for c in (self.policy, self.authenticate, self.body, self.authorize, self.quota,
                                         self.validate, self.harden) if c is not None]
+
+    def _declared_inputs(self, model: str) -> Any:
+        """The inputs a backend knows its model takes (the local runner, once loaded); None otherwise."""
+        declared = getattr(self.backends.get(model), "declared_inputs", None)
+        return declared() if callable(declared) else None
 
     # -- lifecycle -----------------------------------------------------------------
 

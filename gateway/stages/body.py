@@ -14,6 +14,7 @@ import asyncio
 from .. import jsonsafe
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from ..pipeline import RequestContext, RouteKind
+from ..metrics import Metrics
 from ..services import Services
 
 READ_CHUNK = 65_536  # bytes per read from the socket buffer
@@ -34,9 +35,10 @@ def check_declared_length(ctx: RequestContext, limit: int) -> None:
 class Body:
     name = "body"
 
-    def __init__(self, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, max_bytes: int, timeout_s: float, metrics: Metrics | None = None) -> None:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.metrics = metrics
 
     async def __call__(self, ctx: RequestContext) -> None:
         request = ctx.request
@@ -58,7 +60,12 @@ class Body:
         if route is not None and route.json_body:
             if not ctx.body:
                 raise InvalidRequest("request body is empty; expected JSON")
-            ctx.json = jsonsafe.parse(ctx.body)
+            try:
+                ctx.json = jsonsafe.parse(ctx.body)
+            except jsonsafe.MalformedJson as exc:
+                if self.metrics is not None:
+                    self.metrics.validation_failures.labels(route.model or "-", exc.reason).inc()
+                raise
 
     async def _read(self, ctx: RequestContext) -> bytes:
         content = ctx.request.content
@@ -85,4 +92,4 @@ class Body:
 
 def build(services: Services) -> Body:
     server = services.config.server
-    return Body(server.max_body_bytes, server.body_timeout_s)
+    return Body(server.max_body_bytes, server.body_timeout_s, services.metrics)

@@ -1,0 +1,225 @@
+"""Open Inference Protocol (KServe v2) request checks: what JSON Schema cannot say.
+
+A v2 infer body can be well-formed JSON and still be a request no model can
+run: a ``shape`` whose product is not the number of values, an ``FP32`` tensor
+carrying strings, an ``INT8`` value of 300, two inputs with one name, or inputs
+the model never declared. Backends disagree on what to do with such bodies
+(truncate, pad, cast, crash with a 500), so the gateway refuses them with a 400
+that names the JSON pointer of the first bad value.
+
+Tensor data may be flat (row-major) or nested; nested data must be
+rectangular, and its values are checked against the datatype with C-speed
+builtins (``set(map(type, ...))``, ``min``/``max``) so a 64-float request costs
+a few microseconds. Floats are refused outside the datatype's range (an FP16
+value of 1e6 would reach the model as infinity).
+
+Declared inputs (``models.X.inputs`` or the local runner's metadata) are
+matched exactly: every declared input present, no undeclared one, the same
+datatype, the same rank, and each dimension equal unless the declaration says
+-1 (a variable dimension, usually the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Sequence
+
+from .config import TensorSpec
+from .errors import InvalidRequest
+
+MAX_RANK = 32  # dimensions in one shape (numpy's own limit is 32 on older versions, 64 on newer)
+_NUMBERS = frozenset({int, float})
+
+
+@dataclass(frozen=True, slots=True)
+class Datatype:
+    """A v2 tensor datatype: the JSON value types it accepts and its value range."""
+
+    types: frozenset[type]
+    low: float | None = None
+    high: float | None = None
+    noun: str = "numbers"
+
+
+def _int(bits: int, signed: bool) -> Datatype:
+    if signed:
+        return Datatype(frozenset({int}), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, "integers")
+    return Datatype(frozenset({int}), 0, 2**bits - 1, "integers")
+
+
+DATATYPES: dict[str, Datatype] = {
+    "BOOL": Datatype(frozenset({bool}), noun="booleans"),
+    "UINT8": _int(8, False),
+    "UINT16": _int(16, False),
+    "UINT32": _int(32, False),
+    "UINT64": _int(64, False),
+    "INT8": _int(8, True),
+    "INT16": _int(16, True),
+    "INT32": _int(32, True),
+    "INT64": _int(64, True),
+    "FP16": Datatype(_NUMBERS, -65504.0, 65504.0),
+    "FP32": Datatype(_NUMBERS, -3.4028234663852886e38, 3.4028234663852886e38),
+    "FP64": Datatype(_NUMBERS),  # the parser already refuses non-finite numbers
+    "BYTES": Datatype(frozenset({str}), noun="strings"),
+}
+
+
+class RequestViolation(InvalidRequest):
+    """A request that breaks a protocol rule. ``reason`` is a short label for metrics."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None) -> None:
+    """Raise ``RequestViolation`` unless ``body`` is a runnable v2 infer request."""
+    if type(body) is not dict:
+        raise RequestViolation("(root): must be an object (a v2 infer request)", "v2_body")
+    if "id" in body and type(body["id"]) is not str:
+        raise RequestViolation("/id: must be a string", "v2_body")
+    if "parameters" in body and type(body["parameters"]) is not dict:
+        raise RequestViolation("/parameters: must be an object", "v2_body")
+    inputs = body.get("inputs")
+    if type(inputs) is not list or not inputs:
+        raise RequestViolation("/inputs: must be a non-empty list of input tensors", "v2_body")
+    names: dict[str, int] = {}
+    for i, tensor in enumerate(inputs):
+        name = _check_tensor(tensor, f"/inputs/{i}")
+        if name in names:
+            raise RequestViolation(f"/inputs/{i}/name: duplicate input name {_show(name)}", "v2_duplicate_input")
+        names[name] = i
+    _check_outputs(body.get("outputs"))
+    if declared is not None:
+        _match_declared(inputs, names, declared)
+
+
+def _check_tensor(tensor: Any, where: str) -> str:
+    if type(tensor) is not dict:
+        raise RequestViolation(f"{where}: must be an object (name, shape, datatype, data)", "v2_body")
+    name = tensor.get("name")
+    if type(name) is not str or not name:
+        raise RequestViolation(f"{where}/name: must be a non-empty string", "v2_body")
+    if "parameters" in tensor and type(tensor["parameters"]) is not dict:
+        raise RequestViolation(f"{where}/parameters: must be an object", "v2_body")
+    shape = tensor.get("shape")
+    if (
+        type(shape) is not list
+        or len(shape) > MAX_RANK
+        or any(type(d) is not int or d < 0 for d in shape)
+    ):
+        raise RequestViolation(
+            f"{where}/shape: must be a list of at most {MAX_RANK} non-negative integers", "v2_shape"
+        )
+    datatype = tensor.get("datatype")
+    spec = DATATYPES.get(datatype) if type(datatype) is str else None
+    if spec is None:
+        raise RequestViolation(
+            f"{where}/datatype: must be one of {', '.join(DATATYPES)}", "v2_datatype"
+        )
+    if "data" not in tensor:
+        raise RequestViolation(f"{where}/data: is required (the binary data extension is not supported)", "v2_body")
+    data = tensor["data"]
+    if type(data) is not list:
+        raise RequestViolation(f"{where}/data: must be a list of {datatype} values", "v2_datatype")
+    values, dims = _flatten(data, f"{where}/data")
+    expected = math.prod(shape)
+    if len(values) != expected:
+        raise RequestViolation(
+            f"{where}/data: has {len(values)} values but shape {shape} needs {expected}", "v2_shape_mismatch"
+        )
+    _check_values(values, dims, spec, datatype, f"{where}/data")
+    return name
+
+
+def _flatten(data: list[Any], where: str) -> tuple[list[Any], list[int]]:
+    """Row-major values of (possibly nested) ``data`` and its nested dimensions; nesting must be rectangular."""
+    dims = [len(data)]
+    level = data
+    while level and type(level[0]) is list:
+        width = len(level[0])
+        if any(type(row) is not list or len(row) != width for row in level):
+            raise RequestViolation(f"{where}: nested data must be rectangular (equal-length lists)", "v2_shape_mismatch")
+        dims.append(width)
+        level = list(chain.from_iterable(level))
+    return level, dims
+
+
+def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: str, where: str) -> None:
+    if not values:
+        return
+    if not set(map(type, values)) <= spec.types:
+        index = next(i for i, v in enumerate(values) if type(v) not in spec.types)
+        raise RequestViolation(f"{where}{_pointer(index, dims)}: must be {datatype} ({spec.noun})", "v2_datatype")
+    if spec.low is None or spec.high is None:
+        return
+    low, high = min(values), max(values)
+    if low < spec.low or high > spec.high:
+        index = next(i for i, v in enumerate(values) if not spec.low <= v <= spec.high)
+        raise RequestViolation(
+            f"{where}{_pointer(index, dims)}: out of range for {datatype} [{_num(spec.low)}, {_num(spec.high)}]",
+            "v2_range",
+        )
+
+
+def _check_outputs(outputs: Any) -> None:
+    if outputs is None:
+        return
+    if type(outputs) is not list:
+        raise RequestViolation("/outputs: must be a list of requested outputs", "v2_body")
+    seen: set[str] = set()
+    for i, output in enumerate(outputs):
+        name = output.get("name") if type(output) is dict else None
+        if type(name) is not str or not name:
+            raise RequestViolation(f"/outputs/{i}/name: must be a non-empty string", "v2_body")
+        if name in seen:
+            raise RequestViolation(f"/outputs/{i}/name: duplicate output name {_show(name)}", "v2_body")
+        seen.add(name)
+
+
+def _match_declared(inputs: list[dict[str, Any]], names: dict[str, int], declared: Sequence[TensorSpec]) -> None:
+    by_name = {spec.name: spec for spec in declared}
+    for name, i in names.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise RequestViolation(
+                f"/inputs/{i}/name: the model has no input {_show(name)} (it declares {', '.join(sorted(by_name))})",
+                "v2_undeclared_input",
+            )
+        tensor = inputs[i]
+        if tensor["datatype"] != spec.datatype:
+            raise RequestViolation(
+                f"/inputs/{i}/datatype: must be {spec.datatype} for input {_show(name)}", "v2_declared_datatype"
+            )
+        shape = tensor["shape"]
+        if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+            raise RequestViolation(
+                f"/inputs/{i}/shape: {shape} does not match the declared shape {list(spec.shape)} "
+                "(-1 is any size)",
+                "v2_declared_shape",
+            )
+    missing = [spec.name for spec in declared if spec.name not in names]
+    if missing:
+        raise RequestViolation(f"/inputs: missing declared input {_show(missing[0])}", "v2_missing_input")
+
+
+def _pointer(index: int, dims: list[int]) -> str:
+    """JSON pointer suffix of the ``index``-th row-major value in data nested as ``dims``."""
+    if len(dims) == 1:
+        return f"/{index}"
+    parts = []
+    for size in reversed(dims):
+        index, rest = divmod(index, size)
+        parts.append(rest)
+    return "".join(f"/{p}" for p in reversed(parts))
+
+
+def _show(text: str, limit: int = 40) -> str:
+    """A client-supplied string, quoted and cut short: messages never echo large input back."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e20 else f"{x:g}"
