@@ -70,6 +70,7 @@ class Gateway:
         # the checks between reading the body and calling the backend, in order
         self.checks = [s for s in (self.authorize, self.quota, self.validate) if s is not None]
         self.max_body = config.server.max_body_bytes
+        self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
             self.audit = audit_mod.AuditLog(config.audit.file, self.metrics)
@@ -177,9 +178,9 @@ class Gateway:
                 except Exception:
                     log.exception("cleanup failed (request %s)", ctx.request_id)
             now = time.monotonic()
-            model = ctx.model_name or "-"
-            metrics.requests.labels(model, ctx.action or "-", str(ctx.status)).inc()
-            metrics.request_seconds.labels(model).observe(now - started)
+            counter, histogram = self._request_metrics(ctx.model_name or "-", ctx.action or "-", ctx.status)
+            counter.inc()
+            histogram.observe(now - started)
             if self.audit is not None:
                 self.audit.record(ctx, now)
 
@@ -219,6 +220,18 @@ class Gateway:
         if self.harden is not None:
             response = await self.harden(ctx, response)
         return await self._send(ctx, response)
+
+    def _request_metrics(self, model: str, action: str, status: int) -> tuple[Any, Any]:
+        """The labelled children for one (model, action, status), looked up once and kept (hot path)."""
+        key = (model, action, status)
+        children = self._metric_children.get(key)
+        if children is None:
+            if len(self._metric_children) > 10_000:  # bounded: model names come from config, statuses are few
+                self._metric_children.clear()
+            children = (self.metrics.requests.labels(model, action, str(status)),
+                        self.metrics.request_seconds.labels(model))
+            self._metric_children[key] = children
+        return children
 
     def _models_list(self, ctx: RequestContext) -> web.Response:
         allowed = self.authorize.allowed_models(ctx, self.config.models) if self.authorize else []

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,12 @@ GENESIS = "0" * 64
 FLUSH_INTERVAL_S = 0.2
 KEYS = ("ts", "request_id", "subject", "roles", "model", "action", "decision", "rule", "quota", "status",
         "latency_ms", "client", "bytes_in", "bytes_out", "prev")
+
+
+def rfc3339_now() -> str:
+    """UTC now as RFC 3339 with milliseconds (``2026-11-22T03:26:39.123Z``), cheaper than datetime.isoformat."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
 def _last_line_hash(path: Path) -> str:
@@ -89,7 +95,7 @@ class AuditLog:
     def record(self, ctx: RequestContext, now: float) -> None:
         identity, decision = ctx.identity, ctx.decision
         self.write({
-            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": rfc3339_now(),
             "request_id": ctx.request_id,
             "subject": identity.subject if identity else None,
             "roles": list(decision.roles if decision and decision.roles else identity.roles if identity else ()),

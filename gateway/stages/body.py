@@ -54,8 +54,9 @@ class Body:
             elif not is_json_type(content_type):
                 raise UnsupportedMediaType("Content-Type must be application/json")
         try:
-            ctx.body = await asyncio.wait_for(self._read(ctx), self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout_s):  # no extra Task per request, unlike wait_for on 3.11
+                ctx.body = await self._read(ctx)
+        except TimeoutError:
             raise RequestTimeout("request body not received in time") from None
         if route is not None and route.json_body:
             if not ctx.body:
