@@ -12,6 +12,7 @@ and each target's ratio to `direct` measured in the same round.
     python bench/overhead.py --variants auth,auth+policy,full --rounds 3 --duration 10
     python bench/overhead.py --variants full,full-novalidate --workers 2
     python bench/overhead.py --variants auth,quota-redis --redis redis://127.0.0.1:6379/0
+    python bench/overhead.py --compare /tmp/gw-before   # also run each variant from another checkout (A/B)
 
 Variants: auth (JWT only, allow-all policy rule... still evaluated), auth+policy
 (the example-like policy with ABAC rules), full (policy + memory quota +
@@ -150,7 +151,7 @@ def gateway_config(work: Path, name: str, variant: str, upstream_port: int, keys
     return path
 
 
-def start_gateway(config: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def start_gateway(config: Path, workers: int, root: Path = ROOT) -> tuple[subprocess.Popen, int]:
     import yaml
 
     port = free_port()
@@ -158,9 +159,28 @@ def start_gateway(config: Path, workers: int) -> tuple[subprocess.Popen, int]:
     data["server"]["port"] = port
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(config), "--workers", str(workers)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(config.with_suffix(".log"), "w"))
+                            cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(config.with_suffix(".log"), "w"))
     wait_port(port)
     return proc, port
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process in a process group (a gateway and its workers).
+
+    CPU per request is steadier than req/s on a shared machine: other people's load
+    slows the clock we measure against, much less the work each request costs."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(port: int, conns: int, duration: float, lua: Path, body: Path, auth: str) -> dict:
@@ -185,6 +205,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--redis", default=None)
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="another checkout of maas-gateway: each variant also runs from there (named base-VARIANT)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -202,10 +224,18 @@ def main() -> None:
         up, up_port = start_upstream(work)
         procs.append(up)
         targets = {"direct": up_port}
+        pgids = {"direct": up.pid}  # every target runs in its own session: pgid == the started pid
         for v in args.variants.split(","):
             proc, port = start_gateway(gateway_config(work, v, v, up_port, keys, args.redis), args.workers)
             procs.append(proc)
             targets[f"gw-{v}"] = port
+            pgids[f"gw-{v}"] = proc.pid
+            if args.compare is not None:  # same config, other code: an A/B in one run, under the same noise
+                proc, port = start_gateway(gateway_config(work, f"base-{v}", v, up_port, keys, args.redis),
+                                           args.workers, args.compare.resolve())
+                procs.append(proc)
+                targets[f"base-{v}"] = port
+                pgids[f"base-{v}"] = proc.pid
         conns = [int(c) for c in args.conns.split(",")]
         results: dict[tuple[str, int], list[dict]] = {}
         for rnd in range(args.rounds):
@@ -213,20 +243,24 @@ def main() -> None:
                 direct_rps = None
                 for name, port in targets.items():
                     run_wrk(port, c, args.warmup, lua, body, token)
+                    cpu0 = group_cpu_s(pgids[name])
                     r = run_wrk(port, c, args.duration, lua, body, token)
+                    r["cpu_us"] = (group_cpu_s(pgids[name]) - cpu0) / max(1, r["requests"]) * 1e6
                     if name == "direct":
                         direct_rps = r["rps"]
                     r["ratio"] = r["rps"] / direct_rps if direct_rps else float("nan")
                     results.setdefault((name, c), []).append(r)
                     print(f"round {rnd + 1} c={c:3d} {name:22s} {r['rps']:9.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms"
-                          f"  p99 {r['p99_us'] / 1000:6.2f} ms  x direct {r['ratio']:.3f}  non2xx {r['non2xx']} err {r['errors']}",
+                          f"  p99 {r['p99_us'] / 1000:6.2f} ms  x direct {r['ratio']:.3f}  cpu {r['cpu_us']:6.1f} us/req"
+                          f"  non2xx {r['non2xx']} err {r['errors']}",
                           flush=True)
         print(f"\nmedians over {args.rounds} round(s), workers={args.workers}, duration {args.duration}s")
-        print(f"{'target':24s} {'conns':>5s} {'req/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'x direct':>8s}")
+        print(f"{'target':24s} {'conns':>5s} {'req/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'x direct':>8s} {'cpu us/req':>10s}")
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         for (name, c), rs in sorted(results.items(), key=lambda kv: (kv[0][1], list(targets).index(kv[0][0]))):
             print(f"{name:24s} {c:5d} {med([r['rps'] for r in rs]):9.0f} {med([r['p50_us'] for r in rs]) / 1000:7.2f}"
-                  f" {med([r['p99_us'] for r in rs]) / 1000:7.2f} {med([r['ratio'] for r in rs]):8.3f}")
+                  f" {med([r['p99_us'] for r in rs]) / 1000:7.2f} {med([r['ratio'] for r in rs]):8.3f}"
+                  f" {med([r['cpu_us'] for r in rs]):10.1f}")
     finally:
         for p in procs:
             try:

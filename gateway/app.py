@@ -70,6 +70,7 @@ class Gateway:
         # the checks between reading the body and calling the backend, in order
         self.checks = [s for s in (self.authorize, self.quota, self.validate) if s is not None]
         self.max_body = config.server.max_body_bytes
+        self._tls = config.server.tls is not None
         self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
@@ -147,7 +148,7 @@ class Gateway:
         started = time.monotonic()
         ctx = RequestContext(request, request_id.choose(request.headers.get("X-Request-ID")), started,
                              client_ip=request.remote or "")
-        transport = request.transport
+        transport = request.transport if self._tls else None  # plain-HTTP listener: no certificate to look for
         if transport is not None and transport.get_extra_info("sslcontext") is not None:
             cert = transport.get_extra_info("peercert")
             if cert:
@@ -243,7 +244,9 @@ class Gateway:
                                                                "X-Request-ID": ctx.request_id})
 
     async def _send(self, ctx: RequestContext, response: BackendResponse) -> web.StreamResponse:
-        headers = CIMultiDict(response.headers)  # a multi-dict: repeated Set-Cookie survives
+        headers = response.headers
+        if type(headers) is not CIMultiDict:  # the http backend hands over a fresh one: no second copy
+            headers = CIMultiDict(headers)  # a multi-dict: repeated Set-Cookie survives
         for name, value in ctx.response_headers.items():
             headers[name] = value
         headers["X-Request-ID"] = ctx.request_id

@@ -35,10 +35,18 @@ KEYS = ("ts", "request_id", "subject", "roles", "model", "action", "decision", "
         "latency_ms", "client", "bytes_in", "bytes_out", "prev")
 
 
+_second: list[Any] = [None, ""]  # [whole second, its formatted "YYYY-MM-DDTHH:MM:SS"]
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the ".mmmZ" tails, formatted once
+
+
 def rfc3339_now() -> str:
     """UTC now as RFC 3339 with milliseconds (``2026-11-22T03:26:39.123Z``), cheaper than datetime.isoformat."""
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    second = int(now)
+    if second != _second[0]:  # strftime once per second, not once per request
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0] = second
+    return _second[1] + _MILLIS[int(now % 1 * 1000)]  # now % 1 < 1, so the index is 0..999
 
 
 def _last_line_hash(path: Path) -> str:

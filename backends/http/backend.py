@@ -43,6 +43,7 @@ TIMED_OUT = "upstream timed out"
 # aiohttp adds these when the caller did not send them; the upstream should see the client's choice
 # (an added Accept-Encoding would get compressed answers the client never asked for).
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+MAX_CACHED_URLS = 1024  # parsed upstream URLs kept per backend
 
 
 class _Failure(Exception):
@@ -76,6 +77,7 @@ class HttpBackend(Backend):
         self._retries = config.retries
         self._seconds: Any = env.metrics.upstream_seconds.labels(name) if env.metrics is not None else NO_METRIC
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # upstream base + target -> parsed URL (bounded; see _url)
 
     # -- Backend contract ----------------------------------------------------
 
@@ -177,7 +179,7 @@ class HttpBackend(Backend):
         started = time.monotonic()
         try:
             resp = await session.request(
-                method, URL(up.base + target, encoded=True), data=data, headers=headers,
+                method, self._url(up.base + target), data=data, headers=headers,
                 timeout=self._timeout, allow_redirects=False,
             )
         except aiohttp.ConnectionTimeoutError:
@@ -195,6 +197,15 @@ class HttpBackend(Backend):
             raise
         self._seconds.observe(time.monotonic() - started)
         return resp
+
+    def _url(self, text: str) -> URL:
+        """The yarl URL for ``text``, parsed once: most requests to a model hit the same few targets."""
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= MAX_CACHED_URLS:  # query strings vary freely: keep the cache bounded
+                self._urls.clear()
+            url = self._urls[text] = URL(text, encoded=True)
+        return url
 
     async def _answer(
         self, ctx: RequestContext, up: Upstream, resp: aiohttp.ClientResponse, stream: bool, usage: bool

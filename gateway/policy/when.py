@@ -42,6 +42,7 @@ import tokenize
 import unicodedata
 from dataclasses import dataclass
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Callable
 
 ROOTS = ("subject", "model", "request")
@@ -109,6 +110,11 @@ def value_token(value: Any) -> tuple[Any, ...]:
     Structured values (lists, objects, NaN) only ever yield UNKNOWN or "not equal to a
     scalar", so their content does not matter; their kind does.
     """
+    cls = type(value)
+    if cls is str:  # the common claim values first, exactly as _kind would classify them
+        return ("str", value)
+    if cls is int:  # not bool: type(True) is bool
+        return ("num", value)
     if value is MISSING:
         return ("missing",)
     kind = _kind(value)
@@ -141,7 +147,8 @@ class Facts:
         """The value at ``path`` or ``MISSING``; records nothing."""
         current: Any = self.roots.get(path[0], MISSING)
         for name in path[1:]:
-            if type(current) is not dict and not isinstance(current, Mapping):
+            cls = type(current)  # exact-type checks first: the ABC isinstance is slow and claims are a proxy
+            if cls is not dict and cls is not MappingProxyType and not isinstance(current, Mapping):
                 return MISSING
             current = current.get(name, MISSING)
             if current is MISSING:

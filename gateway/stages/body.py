@@ -53,11 +53,16 @@ class Body:
                     raise UnsupportedMediaType("Content-Type must be application/json")
             elif not is_json_type(content_type):
                 raise UnsupportedMediaType("Content-Type must be application/json")
-        try:
-            async with asyncio.timeout(self.timeout_s):  # no extra Task per request, unlike wait_for on 3.11
-                ctx.body = await self._read(ctx)
-        except TimeoutError:
-            raise RequestTimeout("request body not received in time") from None
+        content = request.content
+        if content.is_eof() and content.exception() is None:
+            # already all received (the usual small body): take it without the timeout machinery (~5 us/request)
+            ctx.body = self._take_buffered(ctx, content.read_nowait(-1))
+        else:
+            try:
+                async with asyncio.timeout(self.timeout_s):  # no extra Task per request, unlike wait_for on 3.11
+                    ctx.body = await self._read(ctx)
+            except TimeoutError:
+                raise RequestTimeout("request body not received in time") from None
         if route is not None and route.json_body:
             if not ctx.body:
                 raise InvalidRequest("request body is empty; expected JSON")
@@ -67,6 +72,16 @@ class Body:
                 if self.metrics is not None:
                     self.metrics.validation_failures.labels(route.model or "-", exc.reason).inc()
                 raise
+
+    def _take_buffered(self, ctx: RequestContext, data: bytes) -> bytes:
+        """A body aiohttp has already received whole: the same checks ``_read`` makes as it streams."""
+        declared = ctx.request.content_length
+        if declared is not None:
+            if len(data) != declared:
+                raise InvalidRequest("request body shorter than its Content-Length")
+        elif len(data) > self.max_bytes:
+            raise PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+        return data
 
     async def _read(self, ctx: RequestContext) -> bytes:
         content = ctx.request.content
