@@ -100,7 +100,10 @@ def _policy_findings(config: GatewayConfig) -> list[Finding]:
     assert config.policy is not None
     document = load_document(str(config.policy.file))
     compile_policy(document, config.policy.model_file)
-    return lint(document)
+    out = lint(document)
+    if document.quotas and config.quota is None:
+        out.append(Finding("high", "quota", "the policy defines quotas but the config has no quota section: none is enforced"))
+    return out
 
 
 def _model_findings(name: str, typed: object) -> list[Finding]:

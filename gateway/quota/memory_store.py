@@ -1,0 +1,128 @@
+"""Quota buckets in this process's memory: for one instance with no Redis (``store: memory``, the demo).
+
+The arithmetic is a line-by-line mirror of ``acquire.lua``/``release.lua`` so
+both stores admit exactly the same requests; the clock is ``time.monotonic``
+instead of Redis ``TIME``. Memory is bounded: past ``MAX_BUCKETS`` the least
+recently used bucket is dropped. The one idle longest has almost always
+refilled to full, and a full bucket is indistinguishable from no bucket;
+otherwise dropping it hands its subject a full bucket early (never fewer tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from .store import Limits, Verdict
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+MAX_BUCKETS = 100_000  # per kind (rate, tokens): ~100 bytes each
+
+
+class _Buckets:
+    """Token buckets keyed by bucket id: (tokens, last update in ms), LRU-bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self._data: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._limit = limit
+
+    def level(self, key: str, capacity: float, per_ms: float, now: float) -> float:
+        got = self._data.get(key)
+        if got is None:
+            return capacity
+        tokens, ts = got
+        elapsed = max(0.0, now - ts)
+        return min(capacity, tokens + elapsed * per_ms)
+
+    def store(self, key: str, tokens: float, now: float) -> None:
+        data = self._data
+        data[key] = (tokens, now)
+        data.move_to_end(key)
+        while len(data) > self._limit:
+            data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class MemoryStore:
+    """Same contract as ``RedisStore``; never fails, so it is always ready."""
+
+    def __init__(self, metrics: Metrics | None = None, *, max_buckets: int = MAX_BUCKETS) -> None:
+        self._rate = _Buckets(max_buckets)
+        self._tokens = _Buckets(max_buckets)
+        self._inflight: dict[str, set[str]] = {}  # bucket id -> slots held; bounded by requests in flight
+        if metrics is not None:
+            metrics.quota_store_up.set(1)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def ready(self) -> str | None:
+        return None
+
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic() * 1000.0
+
+    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
+        now = self._now()
+        rate, burst, maxc, tpm = limits.rate_per_s, limits.burst, limits.max_concurrent, limits.tokens_per_minute
+        rate_ms, tok_ms = rate / 1000.0, tpm / 60000.0
+        rtokens = self._rate.level(bucket, burst, rate_ms, now) if rate > 0 else 0.0
+        ttokens = self._tokens.level(bucket, tpm, tok_ms, now) if tpm > 0 else 0.0
+        held = self._inflight.get(bucket)
+        inflight = len(held) if (maxc > 0 and held) else 0
+
+        def headline(allowed: bool, reason: int, retry_ms: float) -> Verdict:
+            if rate > 0:
+                return Verdict.from_ms(allowed, reason, math.floor(rtokens), math.ceil((burst - rtokens) / rate_ms), retry_ms)
+            if tpm > 0:
+                return Verdict.from_ms(allowed, reason, max(0, math.floor(ttokens)), math.ceil((tpm - ttokens) / tok_ms), retry_ms)
+            return Verdict.from_ms(allowed, reason, max(0, maxc - inflight), 0, retry_ms)
+
+        if rate > 0 and rtokens < 1:
+            return headline(False, 1, math.ceil((1 - rtokens) / rate_ms))
+        if maxc > 0 and inflight >= maxc:
+            return headline(False, 2, 1000)
+        if tpm > 0 and ttokens < cost:
+            if cost > tpm:
+                return headline(False, 3, 60000)
+            return headline(False, 3, math.ceil((cost - ttokens) / tok_ms))
+
+        if rate > 0:
+            rtokens -= 1
+            self._rate.store(bucket, rtokens, now)
+        if maxc > 0:
+            self._inflight.setdefault(bucket, set()).add(slot)
+            inflight += 1
+        if tpm > 0:
+            ttokens -= cost
+            self._tokens.store(bucket, ttokens, now)
+        return headline(True, 0, 0)
+
+    async def release(self, bucket: str, limits: Limits, slot: str, refund: int) -> None:
+        held = self._inflight.get(bucket)
+        if held is not None:
+            held.discard(slot)
+            if not held:
+                del self._inflight[bucket]
+        tpm = limits.tokens_per_minute
+        if tpm > 0 and refund != 0:
+            now = self._now()
+            tokens = self._tokens.level(bucket, tpm, tpm / 60000.0, now)
+            self._tokens.store(bucket, min(tpm, tokens + refund), now)
+
+    # introspection for tests and the bench
+    def inflight(self, bucket: str) -> int:
+        return len(self._inflight.get(bucket, ()))
+
+    def bucket_count(self) -> int:
+        return len(self._rate) + len(self._tokens)
