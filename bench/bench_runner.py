@@ -44,18 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SEED_APP = Path("/work/shared/bench/seed_flask_app.py")
 
-WRK_LUA = r"""
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = assert(io.open(os.getenv("BODY_FILE"), "rb")); wrk.body = f:read("*a"); f:close()
-local auth = os.getenv("AUTH"); if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
-function done(summary, latency, requests)
-  io.write(string.format('BENCHJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"errors":%d,"p50_us":%d,"p99_us":%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
+from overhead import WRK_LUA  # noqa: E402  (one wrk script for every bench)
 
 
 def _wide_mlp() -> Any:

@@ -208,6 +208,25 @@ async def start_gateway(tmp_path: Path, keys: Keys | None = None, *, models: dic
     return RunningGateway(f"http://127.0.0.1:{running.port}", admin, running, path, policy_path)
 
 
+async def wait_ready(url: str, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers 200 (a gateway process's /readyz)."""
+    import asyncio
+
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

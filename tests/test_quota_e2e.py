@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.quota.store import bucket_id
 from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, openai_model, start_gateway, start_upstream, \
-    v2_model, write_yaml
+    v2_model, wait_ready, write_yaml
 from quota_support import RedisServer, delete_prefix, unique_prefix
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -74,18 +74,6 @@ async def test_429_contract_over_http(tmp_path: Path, keys: Keys) -> None:
 # --------------------------------------------------------------------------- two replicas, one Redis
 
 
-async def _wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became ready")
 
 
 @pytest.mark.slow
@@ -110,7 +98,7 @@ async def test_two_gateway_processes_hold_one_global_limit(tmp_path: Path, keys:
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             ports.append((port, admin))
         for _, admin in ports:
-            await _wait_ready(f"http://127.0.0.1:{admin}/readyz")
+            await wait_ready(f"http://127.0.0.1:{admin}/readyz")
         auth = keys.auth("alice")  # one subject, one bucket, two replicas
         counts = {200: 0, 429: 0}
         other: list[int] = []

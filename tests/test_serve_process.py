@@ -7,29 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_upstream, v2_model, write_yaml
+from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_upstream, v2_model, write_yaml, wait_ready
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 
 
-async def wait_ready(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became ready")
 
 
 def spawn(config: Path, *extra: str) -> subprocess.Popen:
