@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policy.when import UNKNOWN, Facts, compile_when, value_token
+from gateway.policy.truth import UNKNOWN, Facts, value_token
+from gateway.policy.when import compile_when
 
 
 def run(text: str, subject: dict | None = None, model: dict | None = None, request: dict | None = None):

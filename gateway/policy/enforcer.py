@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..pipeline import Decision
 from .compile import DEFAULT_DENY, ID_COLUMN, CompiledPolicy, CompiledRule
-from .when import UNKNOWN, Facts, Path, Truth, value_token
+from .truth import UNKNOWN, Facts, Path, Truth, value_token
 
 if TYPE_CHECKING:
     from ..metrics import Metrics

@@ -37,13 +37,12 @@ from __future__ import annotations
 import ast
 import io
 import keyword
-import math
 import tokenize
 import unicodedata
 from dataclasses import dataclass
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, Callable
+
+from .truth import MISSING, UNKNOWN, Facts, Path, Truth, and_, compare, kind_of, member, not_, or_, present, truth
 
 ROOTS = ("subject", "model", "request")
 REQUEST_ATTRIBUTES = frozenset({"ip", "mtls", "hour", "method", "path"})
@@ -54,117 +53,9 @@ MAX_DEPTH = 32  # nesting of the AST
 MAX_CHAIN = 8  # names in one attribute chain (subject.a.b.c ...)
 _HAS = "__maas_has__"
 
-Path = tuple[str, ...]
-
 
 class WhenError(ValueError):
     """A condition is not valid in the ``when`` language. The message says what to change."""
-
-
-class _Unknown:
-    """The third truth value. It refuses ``bool()`` so no code can silently treat it as false."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "unknown"
-
-    def __bool__(self) -> bool:
-        raise TypeError("UNKNOWN has no boolean value; test it with `is UNKNOWN`")
-
-
-class _Missing:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "missing"
-
-
-UNKNOWN: Any = _Unknown()
-MISSING: Any = _Missing()
-Truth = Any  # True | False | UNKNOWN
-
-
-# ---------------------------------------------------------------------------
-# values, kinds and tokens
-
-
-def _kind(value: Any) -> str:
-    """The comparison kind of a value; values of different kinds never order against each other."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            return "other"  # NaN compares false both ways: it could switch a deny off
-        return "num"
-    if isinstance(value, str):
-        return "str"
-    return "other"
-
-
-def value_token(value: Any) -> tuple[Any, ...]:
-    """A hashable stand-in for ``value``: equal tokens => every condition evaluates the same.
-
-    Structured values (lists, objects, NaN) only ever yield UNKNOWN or "not equal to a
-    scalar", so their content does not matter; their kind does.
-    """
-    cls = type(value)
-    if cls is str:  # the common claim values first, exactly as _kind would classify them
-        return ("str", value)
-    if cls is int:  # not bool: type(True) is bool
-        return ("num", value)
-    if value is MISSING:
-        return ("missing",)
-    kind = _kind(value)
-    if kind == "other":
-        return ("other",)
-    return (kind, value)
-
-
-def _truth(value: Any) -> Truth:
-    if value is True or value is False:
-        return value
-    return UNKNOWN
-
-
-class Facts:
-    """What a condition may read for one request: subject claims, model, request attributes.
-
-    ``reads`` records every path read, with its value token, in the order read;
-    ``read_request`` says whether any ``request.*`` attribute was read.
-    """
-
-    __slots__ = ("roots", "reads", "read_request")
-
-    def __init__(self, subject: Mapping[str, Any], model: Mapping[str, Any], request: Mapping[str, Any]) -> None:
-        self.roots: dict[str, Mapping[str, Any]] = {"subject": subject, "model": model, "request": request}
-        self.reads: dict[Path, tuple[Any, ...]] = {}
-        self.read_request = False
-
-    def lookup(self, path: Path) -> Any:
-        """The value at ``path`` or ``MISSING``; records nothing."""
-        current: Any = self.roots.get(path[0], MISSING)
-        for name in path[1:]:
-            cls = type(current)  # exact-type checks first: the ABC isinstance is slow and claims are a proxy
-            if cls is not dict and cls is not MappingProxyType and not isinstance(current, Mapping):
-                return MISSING
-            current = current.get(name, MISSING)
-            if current is MISSING:
-                return MISSING
-        return current
-
-    def read(self, path: Path) -> Any:
-        value = self.lookup(path)
-        if path not in self.reads:
-            self.reads[path] = value_token(value)
-            if path[0] == "request":
-                self.read_request = True
-        return value
-
-    def __repr__(self) -> str:  # never print claims (Casbin's request log calls str() on every argument)
-        return "<facts>"
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +75,7 @@ class Condition:
         return any(p[0] == "request" for p in self.paths)
 
     def evaluate(self, facts: Facts) -> Truth:
-        return _truth(self._fn(facts))
+        return truth(self._fn(facts))
 
 
 def compile_when(text: str) -> Condition:
@@ -284,28 +175,7 @@ _REFUSED = {
     ast.Slice: "slices are not allowed",
 }
 
-_ORDER = {
-    ast.Lt: lambda a, b: a < b,
-    ast.LtE: lambda a, b: a <= b,
-    ast.Gt: lambda a, b: a > b,
-    ast.GtE: lambda a, b: a >= b,
-}
-
 _ALLOWED = "use comparisons, and/or/not, `in` on a literal list, literals, and subject.*, model.*, request.*"
-
-
-def _compare(op: ast.cmpop, left: Any, right: Any) -> Truth:
-    if left is UNKNOWN or right is UNKNOWN:
-        return UNKNOWN
-    lk, rk = _kind(left), _kind(right)
-    if lk == "other" or rk == "other":
-        return UNKNOWN
-    if isinstance(op, (ast.Eq, ast.NotEq)):
-        equal = lk == rk and left == right
-        return equal if isinstance(op, ast.Eq) else not equal
-    if lk != rk or lk not in ("num", "str"):
-        return UNKNOWN
-    return _ORDER[type(op)](left, right)
 
 
 class _Compiler:
@@ -318,11 +188,11 @@ class _Compiler:
         d = depth + 1
         if isinstance(node, ast.BoolOp):
             parts = [self.value(v, d) for v in node.values]
-            return _and(parts) if isinstance(node.op, ast.And) else _or(parts)
+            return and_(parts) if isinstance(node.op, ast.And) else or_(parts)
         if isinstance(node, ast.UnaryOp):
             if isinstance(node.op, ast.Not):
                 inner = self.value(node.operand, d)
-                return lambda f: _not(_truth(inner(f)))
+                return lambda f: not_(truth(inner(f)))
             if isinstance(node.op, (ast.USub, ast.UAdd)):
                 number = self.number(node)
                 return lambda f: number
@@ -334,7 +204,7 @@ class _Compiler:
             return lambda f: const
         if isinstance(node, ast.Attribute):
             path = self.path(node)
-            return lambda f: _present(f.read(path))
+            return lambda f: present(f.read(path))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == _HAS:
             if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Attribute):
                 raise WhenError("'has' must be followed by an attribute name")
@@ -359,14 +229,14 @@ class _Compiler:
         value = node.value
         if value is None or isinstance(value, (bool, str)):
             return value
-        if isinstance(value, (int, float)) and _kind(value) == "num":
+        if isinstance(value, (int, float)) and kind_of(value) == "num":
             return value
         raise WhenError(f"literal {value!r} is not allowed (strings, numbers, True, False and None are)")
 
     def number(self, node: ast.AST) -> Any:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             inner = node.operand
-            if isinstance(inner, ast.Constant) and _kind(inner.value) == "num":
+            if isinstance(inner, ast.Constant) and kind_of(inner.value) == "num":
                 return -inner.value if isinstance(node.op, ast.USub) else inner.value
         raise WhenError("arithmetic is not allowed; a sign is only allowed on a number literal")
 
@@ -409,10 +279,10 @@ class _Compiler:
                 raise WhenError("`in` needs a literal list on its right, as in: x in ['a', 'b']")
             if len(target.elts) > MAX_NODES:
                 raise WhenError("literal list too long")
-            members = tuple((_kind(v), v) for v in (self.literal(e) for e in target.elts))
+            members = tuple((kind_of(v), v) for v in (self.literal(e) for e in target.elts))
             left = self.value(node.left, depth)
             negate = isinstance(node.ops[0], ast.NotIn)
-            return lambda f: _member(left(f), members, negate)
+            return lambda f: member(left(f), members, negate)
         for op in node.ops:
             if isinstance(op, (ast.Is, ast.IsNot)):
                 raise WhenError("`is` is not allowed; use == or `has`")
@@ -424,7 +294,7 @@ class _Compiler:
             left = operands[0](f)
             for op, right_fn in zip(ops, operands[1:]):
                 right = right_fn(f)
-                result = _compare(op, left, right)
+                result = compare(op, left, right)
                 if result is False:
                     return False
                 if result is UNKNOWN:
@@ -434,48 +304,3 @@ class _Compiler:
 
         return chain
 
-
-def _present(value: Any) -> Any:
-    return UNKNOWN if value is MISSING else value
-
-
-def _member(value: Any, members: tuple[tuple[str, Any], ...], negate: bool) -> Truth:
-    if value is UNKNOWN:
-        return UNKNOWN
-    kind = _kind(value)
-    if kind == "other":
-        return UNKNOWN
-    found = any(k == kind and v == value for k, v in members)
-    return not found if negate else found
-
-
-def _not(value: Truth) -> Truth:
-    return UNKNOWN if value is UNKNOWN else not value
-
-
-def _and(parts: list[Callable[[Facts], Any]]) -> Callable[[Facts], Truth]:
-    def run(f: Facts) -> Truth:
-        unknown = False
-        for part in parts:
-            t = _truth(part(f))
-            if t is False:
-                return False
-            if t is UNKNOWN:
-                unknown = True
-        return UNKNOWN if unknown else True
-
-    return run
-
-
-def _or(parts: list[Callable[[Facts], Any]]) -> Callable[[Facts], Truth]:
-    def run(f: Facts) -> Truth:
-        unknown = False
-        for part in parts:
-            t = _truth(part(f))
-            if t is True:
-                return True
-            if t is UNKNOWN:
-                unknown = True
-        return UNKNOWN if unknown else False
-
-    return run
