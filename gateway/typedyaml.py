@@ -153,11 +153,14 @@ def _convert(node: yaml.Node, path: str, lines: dict[str, int], source: Source, 
     line = node.start_mark.line + 1
     tag = node.tag
     if env and "${" in value:
+        whole = _ENV.fullmatch(value) is not None
         try:
             value = substitute_env(value)
         except ConfigError as exc:
             raise ConfigError(exc.reason, file=source.file, line=line, key=path or None) from None
-        if node.style is None:  # plain scalar: re-resolve so ${PORT:-8080} is an int
+        # re-resolve a plain scalar, or a quoted one that is only a reference ("${PORT:-8080}"),
+        # so the substituted text gets its YAML type (an int); quoted literal text stays a string
+        if node.style is None or whole:
             tag = yaml.SafeLoader.resolve(yaml.SafeLoader, yaml.ScalarNode, value, (True, False))  # type: ignore[arg-type]
     if tag == "tag:yaml.org,2002:str":
         return value

@@ -130,3 +130,23 @@ def test_cli_prints_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "server.port" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_quoted_whole_reference_is_typed_but_quoted_text_stays_a_string(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAAS_TEST_PORT", raising=False)
+    text = BASE.replace("server:\n  host: 127.0.0.1\n  port: 8080", 'server: {host: 127.0.0.1, port: "${MAAS_TEST_PORT:-8282}"}')
+    assert load_config(write(tmp_path, text)).server.port == 8282
+    message = error(tmp_path, BASE.replace("port: 8080", 'port: "8080"'))
+    assert "server.port: expected an integer" in message
+
+
+def test_shipped_example_config_passes_check() -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(root / "deploy/examples/gateway.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import yaml
+
+    for manifest in ("deploy/docker-compose.yml", "deploy/k8s/sidecar.yaml"):
+        assert list(yaml.safe_load_all((root / manifest).read_text()))
