@@ -8,7 +8,7 @@ pip install -q .
 cd deploy/examples
 if [ ! -s api_keys.yaml ]; then
   echo "Your API key (shown once):"
-  maas-gateway keys create --subject quickstart --roles analyst --file api_keys.yaml --id quickstart
+  maas-gateway keys create --subject quickstart --roles data-scientist --file api_keys.yaml --id quickstart
 fi
 python ../sample_upstream.py --port 8000 & UP=$!
 trap 'kill $UP 2>/dev/null' EXIT
