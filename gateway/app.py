@@ -191,6 +191,9 @@ class Gateway:
         for name in SINGLETON_HEADERS:
             if len(headers.getall(name, ())) > 1:
                 raise InvalidRequest(f"header {name} sent more than once")
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":  # a coding we would not apply is refused
+            raise InvalidRequest("unsupported Transfer-Encoding")
         raw_path, ctx.query = path.split_target(request.raw_path)
         ctx.path = path.normalise(raw_path)
         route_error: GatewayError | None = None
