@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SEED_APP = Path("/work/shared/bench/seed_flask_app.py")
 
-from overhead import WRK_LUA  # noqa: E402  (one wrk script for every bench)
+from overhead import WRK_LUA, free_port  # noqa: E402  (one wrk script and helpers for every bench)
+from overhead import wait_port as wait_http  # noqa: E402
 
 
 def _wide_mlp() -> Any:
@@ -148,23 +148,6 @@ def inprocess_main(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------
 # over HTTP, against the seed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(port: int, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"nothing listening on {port} after {timeout}s")
 
 
 def run_wrk(url: str, conns: int, seconds: float, lua: Path, body: Path, auth: str) -> dict[str, Any]:
