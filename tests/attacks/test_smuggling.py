@@ -36,6 +36,9 @@ def head(keys: Keys, extra: str) -> bytes:
     ("space before colon", f"Content-Length : {len(BODY)}\r\n", BODY),
     ("signed content-length", f"Content-Length: +{len(BODY)}\r\n", BODY),
     ("two content-lengths", f"Content-Length: {len(BODY)}\r\nContent-Length: 5\r\n", BODY),
+    ("two content-types", f"Content-Type: text/plain\r\nContent-Length: {len(BODY)}\r\n", BODY),
+    ("two hosts", f"Host: other\r\nContent-Length: {len(BODY)}\r\n", BODY),
+    ("two request ids", f"X-Request-ID: a\r\nX-Request-ID: b\r\nContent-Length: {len(BODY)}\r\n", BODY),
 ])
 async def test_ambiguous_framing_is_refused(gateway, keys: Keys, name: str, extra: str, payload: bytes) -> None:
     gw, up, port = gateway
