@@ -55,6 +55,7 @@ class TorchBackend(Backend):
         self._loaded: LoadedModel | None = None
         self._failure: str | None = None
         self._input_shape: tuple[int, ...] = ()
+        self._declared: list[TensorSpec] | None = None  # set once the model is loaded; read per request
         self._output_shape: tuple[int, ...] = ()
         self._output_datatype = "FP32"
         self._metadata_body = b""
@@ -124,6 +125,7 @@ class TorchBackend(Backend):
             raise _Refused("input_shape is unknown: set input_shape in the backend config "
                            "(TorchScript carries none)")
         self._input_shape = tuple(shape)
+        self._declared = [TensorSpec(cfg.input_name, cfg.input_datatype, [-1, *self._input_shape])]
         try:
             probe = self._forward([np.zeros((1, *self._input_shape), self._input_dtype())])
         except Exception as exc:  # e.g. a TorchScript model that wants another input_shape
@@ -177,9 +179,7 @@ class TorchBackend(Backend):
 
     def declared_inputs(self) -> list[TensorSpec] | None:
         """The input the loaded model takes, for the validate stage (None until loaded)."""
-        if not self._input_shape:
-            return None
-        return [TensorSpec(self.config.input_name, self.config.input_datatype, [-1, *self._input_shape])]
+        return self._declared
 
     # -- requests ------------------------------------------------------------------
 
