@@ -420,5 +420,5 @@ async def test_upstream_stalling_mid_body_is_504() -> None:
 
 async def test_timeout_defaults_to_the_server_setting(upstream) -> None:
     backend = make_backend([upstream.url])
-    assert backend._timeout.sock_read == 5  # ServerConfig(upstream_timeout_s=5) in make_backend
-    assert make_backend([upstream.url], timeout_s=0.5)._timeout.sock_read == 0.5
+    assert backend._timeout_s == 5  # ServerConfig(upstream_timeout_s=5) in make_backend
+    assert make_backend([upstream.url], timeout_s=0.5)._timeout_s == 0.5

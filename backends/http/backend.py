@@ -2,8 +2,8 @@
 
 This is the gateway's hot path, so everything that does not depend on the
 request is settled once, at construction or ``start``: the header drop set,
-the timeout object, the protocol rewrites, one pooled ``ClientSession`` with a
-bounded connector. Per request we build the header list, pick an upstream and
+the protocol rewrites, one connection pool (``client.Pool``) bounded by
+``max_connections``. Per request we build the header list, pick an upstream and
 either read the answer whole or hand back a relay that streams it.
 
 Timeouts follow nginx's ``proxy_read_timeout``: ``timeout_s`` is the longest
@@ -19,13 +19,12 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from yarl import URL
-
 from backends.base import Backend, BackendEnv
-from gateway.errors import BackendError, BackendTimeout, Unavailable
+from gateway.errors import BackendError, BackendTimeout, InvalidRequest, Unavailable
 from gateway.pipeline import BackendResponse
 
+from .client import (ConnectFailed, ConnectTimeout, InvalidRequestLine, InvalidResponse, Pool, ReadTimeout,
+                     Response, UpstreamError)
 from .config import HttpBackendConfig
 from .headers import RequestHeaders, response_headers
 from .protocols import Protocol, answer_usage
@@ -40,10 +39,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 CONNECT_FAILED = "upstream connection failed"
 INVALID_ANSWER = "upstream sent an invalid response"
 TIMED_OUT = "upstream timed out"
-# aiohttp adds these when the caller did not send them; the upstream should see the client's choice
-# (an added Accept-Encoding would get compressed answers the client never asked for).
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-MAX_CACHED_URLS = 1024  # parsed upstream URLs kept per backend
 
 
 class _Failure(Exception):
@@ -63,7 +58,8 @@ class HttpBackend(Backend):
         timeout_s = config.timeout_s if config.timeout_s is not None else server.upstream_timeout_s
         connect_s = (config.connect_timeout_s if config.connect_timeout_s is not None
                      else server.upstream_connect_timeout_s)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=timeout_s)
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_s
         self._protocol = Protocol(config.protocol, config.model_name)
         self._headers = RequestHeaders(config.headers)
         self._pool = UpstreamPool(
@@ -76,8 +72,7 @@ class HttpBackend(Backend):
         )
         self._retries = config.retries
         self._seconds: Any = env.metrics.upstream_seconds.labels(name) if env.metrics is not None else NO_METRIC
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}  # upstream base + target -> parsed URL (bounded; see _url)
+        self._client: Pool | None = None
 
     # -- Backend contract ----------------------------------------------------
 
@@ -88,7 +83,7 @@ class HttpBackend(Backend):
         return list(self.config.paths) if self.config.protocol == "raw" else []
 
     def ready(self) -> bool:
-        return self._session is not None and self._pool.ready()
+        return self._client is not None and self._pool.ready()
 
     @property
     def upstreams(self) -> list[Upstream]:
@@ -96,41 +91,37 @@ class HttpBackend(Backend):
         return self._pool.upstreams
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._client is not None:
             return
-        connector = aiohttp.TCPConnector(
+        self._client = Pool(
             limit=self.config.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self.config.keepalive_timeout_s,
-            ssl=self._ssl(),
+            keepalive_s=self.config.keepalive_timeout_s,
+            connect_timeout_s=self._connect_timeout_s,
+            ssl_context=self._ssl(),
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one user's upstream cookies to another
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            trust_env=False,
-        )
-        self._pool.bind(self._session, list(self.config.headers.items()))
+        self._pool.bind(self._client, list(self.config.headers.items()))
 
     async def close(self) -> None:
         await self._pool.close()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.close()
 
-    def _ssl(self) -> ssl.SSLContext | bool:
+    def _ssl(self) -> ssl.SSLContext:
         if not self.config.tls_verify:
-            return False
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
         if self.config.tls_ca_file is not None:
             return ssl.create_default_context(cafile=str(self.config.tls_ca_file))
-        return True
+        return ssl.create_default_context()
 
     # -- the hot path ----------------------------------------------------------
 
     async def handle(self, ctx: RequestContext) -> BackendResponse:
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise Unavailable("backend not started")
         out = self._protocol.outgoing(ctx)
         request = ctx.request
@@ -152,7 +143,7 @@ class HttpBackend(Backend):
         tried: list[Upstream] = []
         while True:
             try:
-                resp = await self._send(session, up, method, out.target, data, headers)
+                resp = await self._send(client, up, method, out.target, data, headers)
                 break
             except _Failure as failure:
                 up.outcome[failure.outcome].inc()
@@ -169,50 +160,41 @@ class HttpBackend(Backend):
 
     async def _send(
         self,
-        session: aiohttp.ClientSession,
+        client: Pool,
         up: Upstream,
         method: str,
         target: str,
         data: bytes | None,
         headers: list[tuple[str, str]],
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         started = time.monotonic()
         try:
-            resp = await session.request(
-                method, self._url(up.base + target), data=data, headers=headers,
-                timeout=self._timeout, allow_redirects=False,
-            )
-        except aiohttp.ConnectionTimeoutError:
+            resp = await client.request(up.origin, method, target, headers, data, self._timeout_s)
+        except ConnectTimeout:
             raise _Failure("timeout", True, BackendTimeout(TIMED_OUT)) from None
-        except TimeoutError:  # includes aiohttp's read timeouts: the request was sent
-            raise _Failure("timeout", False, BackendTimeout(TIMED_OUT)) from None
-        except aiohttp.ClientConnectorError:
+        except ConnectFailed:
             raise _Failure("error", True, BackendError(CONNECT_FAILED)) from None
-        except aiohttp.ClientResponseError:
+        except ReadTimeout:  # the request was sent
+            raise _Failure("timeout", False, BackendTimeout(TIMED_OUT)) from None
+        except InvalidResponse:
             raise _Failure("error", method in IDEMPOTENT, BackendError(INVALID_ANSWER)) from None
-        except (aiohttp.ClientError, OSError):
+        except UpstreamError:
             raise _Failure("error", method in IDEMPOTENT, BackendError(CONNECT_FAILED)) from None
+        except InvalidRequestLine:
+            self._pool.abandoned(up)
+            raise InvalidRequest("a header for the upstream would contain a control character") from None
         except BaseException:
             self._pool.abandoned(up)  # cancelled: no verdict on the upstream
             raise
         self._seconds.observe(time.monotonic() - started)
         return resp
 
-    def _url(self, text: str) -> URL:
-        """The yarl URL for ``text``, parsed once: most requests to a model hit the same few targets."""
-        url = self._urls.get(text)
-        if url is None:
-            if len(self._urls) >= MAX_CACHED_URLS:  # query strings vary freely: keep the cache bounded
-                self._urls.clear()
-            url = self._urls[text] = URL(text, encoded=True)
-        return url
-
     async def _answer(
-        self, ctx: RequestContext, up: Upstream, resp: aiohttp.ClientResponse, stream: bool, usage: bool
+        self, ctx: RequestContext, up: Upstream, resp: Response, stream: bool, usage: bool
     ) -> BackendResponse:
         status = resp.status
         pool = self._pool
-        content_type = resp.headers.get("Content-Type") or "application/octet-stream"
+        content_type = resp.header("Content-Type") or "application/octet-stream"
         headers = response_headers(resp.headers)
         if content_type.startswith("text/event-stream") or (stream and not content_type.startswith("application/json")):
             # Scored on the headers: a stream may run for minutes. (A JSON error answer to a
@@ -223,11 +205,11 @@ class HttpBackend(Backend):
             return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release)
         try:
             body = await resp.read()
-        except TimeoutError:
+        except ReadTimeout:
             up.outcome["timeout"].inc()
             pool.failed(up)
             raise BackendTimeout(TIMED_OUT) from None
-        except (aiohttp.ClientError, OSError):
+        except UpstreamError:
             up.outcome["error"].inc()
             pool.failed(up)
             raise BackendError(INVALID_ANSWER) from None

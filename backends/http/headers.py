@@ -11,7 +11,7 @@ headers the client actually sent.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from multidict import CIMultiDict
 
@@ -88,14 +88,14 @@ class RequestHeaders:
         return out
 
 
-def response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+def response_headers(upstream: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
     """The upstream's response headers minus framing and hop-by-hop ones.
 
     A ``CIMultiDict`` (a case-insensitive mapping) so repeated headers such as
     ``Set-Cookie`` survive.
     """
     drop = RESPONSE_DROP
-    named = upstream.get("Connection")
-    if named:
-        drop = drop | connection_tokens(named)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+    for k, v in upstream:
+        if k.lower() == "connection":
+            drop = drop | connection_tokens(v)
+    return CIMultiDict((k, v) for k, v in upstream if k.lower() not in drop)

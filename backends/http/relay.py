@@ -10,18 +10,19 @@ quotas can charge what was really used.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Callable
 
-import aiohttp
 import orjson
 
 from gateway.errors import BackendError
 
+from .client import UpstreamError
 from .protocols import total_tokens
 
 if TYPE_CHECKING:
     from gateway.pipeline import RequestContext
+
+    from .client import Response
 
 MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is dropped from usage scanning, never from the relay
 STREAM_ERROR_KEY = "http.stream_error"  # set in ctx.extra when the upstream broke off mid-stream
@@ -40,7 +41,7 @@ class StreamRelay:
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         ctx: RequestContext,
         *,
         scan_usage: bool,
@@ -61,8 +62,8 @@ class StreamRelay:
         if self._done:
             raise StopAsyncIteration
         try:
-            chunk = await self._resp.content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            chunk = await self._resp.readany()
+        except UpstreamError:
             self._finish(failed=True)
             raise BackendError(STREAM_BROKEN) from None
         if not chunk:

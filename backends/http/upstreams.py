@@ -15,13 +15,14 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Collection, Sequence
 
-import aiohttp
-from yarl import URL
-
 from gateway.errors import Unavailable
+
+from .client import Origin, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+
+    from .client import Pool
 
 OUTCOMES = ("ok", "error", "timeout", "5xx")
 PROBE_TIMEOUT_S = 5.0  # an active health probe that takes longer counts as failed
@@ -46,11 +47,12 @@ NO_METRIC = _NoMetric()
 class Upstream:
     """One upstream server and its health. ``base`` is its URL without a trailing slash."""
 
-    __slots__ = ("base", "label", "failures", "in_rotation", "ejected_until", "trial", "outcome", "healthy_gauge",
+    __slots__ = ("base", "origin", "label", "failures", "in_rotation", "ejected_until", "trial", "outcome", "healthy_gauge",
                  "ejections")
 
     def __init__(self, url: str, model: str, metrics: Metrics | None) -> None:
         self.base = url.rstrip("/")
+        self.origin = Origin.parse(self.base)
         self.label = self.base
         self.failures = 0  # consecutive
         self.in_rotation = True
@@ -89,16 +91,15 @@ class UpstreamPool:
         self._health_path = health_path
         self._next = 0
         self._ejected = 0  # how many are out of rotation; the fast path skips all checks at 0
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Pool | None = None
         self._probe_headers: list[tuple[str, str]] = []
         self._probes: dict[Upstream, asyncio.Task[None]] = {}
-        self._probe_timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
 
     # -- lifecycle ---------------------------------------------------------
 
-    def bind(self, session: aiohttp.ClientSession, probe_headers: Sequence[tuple[str, str]] = ()) -> None:
-        """Give the pool the backend's session for active probes (and the backend's configured headers)."""
-        self._session = session
+    def bind(self, client: Pool, probe_headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Give the pool the backend's client for active probes (and the backend's configured headers)."""
+        self._client = client
         self._probe_headers = list(probe_headers)
 
     async def close(self) -> None:
@@ -191,13 +192,16 @@ class UpstreamPool:
 
     async def probe(self, up: Upstream) -> bool:
         """One ``GET health_path``: healthy on a 2xx answer."""
-        if self._session is None or self._health_path is None:
+        if self._client is None or self._health_path is None:
             return False
-        url = URL(up.base + self._health_path, encoded=True)
         try:
-            async with self._session.get(url, headers=self._probe_headers, timeout=self._probe_timeout,
-                                         allow_redirects=False) as resp:
-                await resp.read()
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                resp = await self._client.request(up.origin, "GET", self._health_path, self._probe_headers, None,
+                                                  PROBE_TIMEOUT_S)
+                try:
+                    await resp.read()
+                finally:
+                    resp.release()
                 return 200 <= resp.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (UpstreamError, TimeoutError):
             return False
