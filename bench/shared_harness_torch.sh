@@ -3,7 +3,8 @@
 # runner behind the full pipeline (JWT, policy, memory quota, validation, audit):
 #   START_CMD_GWTORCH="bash $PWD/bench/shared_harness_torch.sh" \
 #     ../shared/bench/run.sh seed-gunicorn custom:gwtorch:18092:/v2/models/digits/infer
-# Knobs: WORKERS (2, like gunicorn -w 2), MAX_BATCH (64), BATCH_DELAY_MS (2).
+# Knobs: WORKERS (2, like gunicorn -w 2), MAX_BATCH (64), BATCH_DELAY_MS (0: under this closed-loop load batches
+# form from what queues while the previous batch runs; a delay only adds latency, measured: 2 ms costs ~40% at 16 conns).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$HERE/.venv/bin/python"; [ -x "$PY" ] || PY=python3
@@ -27,6 +28,6 @@ audit: {file: $DIR/audit.log}
 models:
   digits:
     backend: {type: torch, path: $DIR/seed.safetensors, arch: seed-mlp, input_name: input-0,
-              max_batch_size: ${MAX_BATCH:-64}, max_batch_delay_ms: ${BATCH_DELAY_MS:-2}}
+              max_batch_size: ${MAX_BATCH:-64}, max_batch_delay_ms: ${BATCH_DELAY_MS:-0}}
 YAML
 exec "$PY" -m gateway serve -c "$DIR/gateway.yaml" --workers "${WORKERS:-2}"

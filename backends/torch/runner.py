@@ -5,9 +5,12 @@ that arrive together are run together: the collector takes the first waiting
 request, then whatever else is queued, then waits at most
 ``max_batch_delay_ms`` for more, up to ``max_batch_size`` samples. The batch
 runs in a single worker thread (torch releases the GIL, so the event loop keeps
-serving meanwhile); while it runs, the next batch queues up. The queue is
-bounded: when it is full the request is refused at once with 503 and
-``Retry-After`` instead of letting memory and latency grow without limit.
+serving meanwhile); while it runs, the next batch queues up. So even with a
+delay of 0 a loaded model runs in batches (everything that queued while the
+previous batch ran), and no request waits for company that may not come; a
+delay buys larger batches under light load at the price of that much latency.
+The queue is bounded: when it is full the request is refused at once with 503
+and ``Retry-After`` instead of letting memory and latency grow without limit.
 
 This module knows nothing about torch: it runs a ``forward`` callable over
 numpy arrays, which the backend builds around the model.
@@ -51,7 +54,9 @@ class BatchRunner:
         self._max_batch = max_batch_size
         self._delay = max_batch_delay_s
         self._max_queue = max_queue
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._arrived: asyncio.Future[None] | None = None  # set by infer() to wake the collector
+        self._started = False
         self._collector: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
@@ -71,7 +76,7 @@ class BatchRunner:
         self.busy_s = 0.0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(self._max_queue)
+        self._started = True
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.name}")
         self._collector = asyncio.create_task(self._collect(), name=f"torch-collector-{self.name}")
 
@@ -82,51 +87,62 @@ class BatchRunner:
 
     async def infer(self, inputs: np.ndarray) -> np.ndarray:
         """Queue ``inputs`` (n samples) and wait for their outputs."""
-        queue = self._queue
-        if queue is None or self._closing:
+        if not self._started or self._closing:
             raise Unavailable(f"model {self.name} is not available")
-        job = _Job(inputs, asyncio.get_running_loop().create_future())
-        try:
-            queue.put_nowait(job)
-        except asyncio.QueueFull:
+        pending = self._pending
+        if len(pending) >= self._max_queue:
             self.rejected += 1
             if self._rejected_metric is not None:
                 self._rejected_metric.inc()
-            raise Unavailable(f"model {self.name} is overloaded, retry shortly", headers={"Retry-After": "1"}) from None
+            raise Unavailable(f"model {self.name} is overloaded, retry shortly", headers={"Retry-After": "1"})
+        job = _Job(inputs, asyncio.get_running_loop().create_future())
+        pending.append(job)
+        arrived = self._arrived
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
         if self._depth_metric is not None:
-            self._depth_metric.set(queue.qsize())
+            self._depth_metric.set(len(pending))
         return await job.future
 
+    async def _arrival(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """Sleep until infer() queues a job or, given a deadline, until then (whichever comes first)."""
+        self._arrived = arrived = loop.create_future()
+        timer = loop.call_at(deadline, _wake, arrived) if deadline is not None else None
+        try:
+            await arrived
+        finally:
+            self._arrived = None
+            if timer is not None:
+                timer.cancel()
+
     async def _collect(self) -> None:
-        queue = self._queue
-        assert queue is not None
         loop = asyncio.get_running_loop()
+        pending = self._pending
         taken = self._taken  # jobs out of the queue but not answered: failed if the collector is cancelled
         try:
             while True:
                 if not taken:
-                    taken.append(await queue.get())
+                    while not pending:
+                        await self._arrival(loop, None)
+                    taken.append(pending.popleft())
                 n = len(taken[0].inputs)
                 size = 1
                 deadline = loop.time() + self._delay
                 while n < self._max_batch:
-                    if queue.empty():
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
+                    if not pending:
+                        if self._delay <= 0 or loop.time() >= deadline:
                             break
-                        try:
-                            job = await asyncio.wait_for(queue.get(), remaining)
-                        except TimeoutError:
+                        await self._arrival(loop, deadline)
+                        if not pending:
                             break
-                    else:
-                        job = queue.get_nowait()
+                    job = pending.popleft()
                     taken.append(job)
                     if n + len(job.inputs) > self._max_batch:
                         break  # it starts the next batch: a batch never exceeds max_batch_size samples
                     n += len(job.inputs)
                     size += 1
                 if self._depth_metric is not None:
-                    self._depth_metric.set(queue.qsize())
+                    self._depth_metric.set(len(pending))
                 batch = taken[:size]
                 del taken[:size]
                 live = [j for j in batch if not j.future.done()]  # callers that went away are skipped
@@ -182,16 +198,16 @@ class BatchRunner:
             "mean_batch_size": round(self.requests / self.batches, 2) if self.batches else 0.0,
             "max_batch_size_seen": self.max_batch_seen,
             "batch_sizes": dict(sorted(self.batch_sizes.items())),
-            "queue_depth": self._queue.qsize() if self._queue is not None else 0,
+            "queue_depth": len(self._pending),
             "worker_busy_s": round(self.busy_s, 3),
         }
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop taking requests, finish what is queued (up to ``timeout_s``), then stop the worker."""
         self._closing = True
-        queue = self._queue
+        pending = self._pending
         deadline = time.monotonic() + timeout_s
-        while queue is not None and (not queue.empty() or self._busy) and time.monotonic() < deadline:
+        while self._started and (pending or self._busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._collector is not None:
             self._collector.cancel()
@@ -200,10 +216,15 @@ class BatchRunner:
             except asyncio.CancelledError:
                 pass
             self._collector = None
-        while queue is not None and not queue.empty():
-            job = queue.get_nowait()
+        while pending:
+            job = pending.popleft()
             if not job.future.done():
                 job.future.set_exception(Unavailable(f"model {self.name} is shutting down"))
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
             self._executor = None
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
