@@ -79,6 +79,7 @@ class RequestContext:
     body: bytes = b""  # the body as received (after the size limit)
     json: Any = None  # the parsed body, for JSON routes
     forward_body: bytes | None = None  # what the backend sends upstream (validated bytes); None => body
+    tensors: dict[str, Any] | None = None  # v2: checked floating-point inputs as flat float64 arrays, by name
     decision: Decision | None = None
     quota: str = "none"  # "none" | "ok" | "limited" | "store_error" | "error"
     response_headers: dict[str, str] = field(default_factory=dict)  # added to the final response

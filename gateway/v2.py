@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Sequence
 
+import numpy as np
+
 from .config import TensorSpec
 from .errors import InvalidRequest
 
@@ -74,8 +76,14 @@ class RequestViolation(InvalidRequest):
         self.reason = reason
 
 
-def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None) -> None:
-    """Raise ``RequestViolation`` unless ``body`` is a runnable v2 infer request."""
+def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None,
+                        arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Raise ``RequestViolation`` unless ``body`` is a runnable v2 infer request.
+
+    Given ``arrays``, each floating-point input's values are left there as the
+    float64 array the range check built (flat, row-major, by input name), so a
+    local backend does not convert the same numbers a second time.
+    """
     if type(body) is not dict:
         raise RequestViolation("(root): must be an object (a v2 infer request)", "v2_body")
     if "id" in body and type(body["id"]) is not str:
@@ -87,7 +95,7 @@ def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None)
         raise RequestViolation("/inputs: must be a non-empty list of input tensors", "v2_body")
     names: dict[str, int] = {}
     for i, tensor in enumerate(inputs):
-        name = _check_tensor(tensor, f"/inputs/{i}")
+        name = _check_tensor(tensor, f"/inputs/{i}", arrays)
         if name in names:
             raise RequestViolation(f"/inputs/{i}/name: duplicate input name {_show(name)}", "v2_duplicate_input")
         names[name] = i
@@ -96,7 +104,7 @@ def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None)
         _match_declared(inputs, names, declared)
 
 
-def _check_tensor(tensor: Any, where: str) -> str:
+def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None = None) -> str:
     if type(tensor) is not dict:
         raise RequestViolation(f"{where}: must be an object (name, shape, datatype, data)", "v2_body")
     name = tensor.get("name")
@@ -130,7 +138,9 @@ def _check_tensor(tensor: Any, where: str) -> str:
         raise RequestViolation(
             f"{where}/data: has {len(values)} values but shape {shape} needs {expected}", "v2_shape_mismatch"
         )
-    _check_values(values, dims, spec, datatype, f"{where}/data")
+    array = _check_values(values, dims, spec, datatype, f"{where}/data")
+    if arrays is not None and array is not None:
+        arrays[name] = array
     return name
 
 
@@ -147,21 +157,41 @@ def _flatten(data: list[Any], where: str) -> tuple[list[Any], list[int]]:
     return level, dims
 
 
-def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: str, where: str) -> None:
+def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: str,
+                  where: str) -> np.ndarray | None:
+    """Type and range of every value; for floating-point datatypes, the values as a float64 array."""
     if not values:
-        return
+        return None
     if not set(map(type, values)) <= spec.types:
         index = next(i for i, v in enumerate(values) if type(v) not in spec.types)
         raise RequestViolation(f"{where}{_pointer(index, dims)}: must be {datatype} ({spec.noun})", "v2_datatype")
-    if spec.low is None or spec.high is None:
-        return
-    low, high = min(values), max(values)
-    if low < spec.low or high > spec.high:
-        index = next(i for i, v in enumerate(values) if not spec.low <= v <= spec.high)
-        raise RequestViolation(
-            f"{where}{_pointer(index, dims)}: out of range for {datatype} [{_num(spec.low)}, {_num(spec.high)}]",
-            "v2_range",
-        )
+    array = None
+    if spec.types is _NUMBERS:  # floats: one C conversion, then min/max over the array (~3x faster than on the list)
+        try:
+            array = np.array(values, dtype=np.float64)
+        except OverflowError:  # an integer beyond any float: out of range whatever the datatype
+            within = False
+        else:
+            within = spec.low is None or spec.high is None or spec.low <= array.min() and array.max() <= spec.high
+    elif spec.low is not None and spec.high is not None:
+        within = spec.low <= min(values) and max(values) <= spec.high
+    else:
+        within = True
+    if not within:
+        index = next(i for i, v in enumerate(values) if not _within(v, spec))
+        low = "-inf" if spec.low is None else _num(spec.low)
+        high = "inf" if spec.high is None else _num(spec.high)
+        raise RequestViolation(f"{where}{_pointer(index, dims)}: out of range for {datatype} [{low}, {high}]",
+                               "v2_range")
+    return array
+
+
+def _within(value: int | float, spec: Datatype) -> bool:
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return spec.low is None or spec.high is None or spec.low <= number <= spec.high
 
 
 def _check_outputs(outputs: Any) -> None:

@@ -106,6 +106,29 @@ async def test_int64_pixels_and_nested_data_are_accepted(digits: TorchBackend) -
     assert a.json["outputs"][0]["data"] == b.json["outputs"][0]["data"]
 
 
+async def test_inputs_checked_by_the_validate_stage_give_the_same_answer(digits: TorchBackend) -> None:
+    from gateway.v2 import check_infer_request
+
+    rng = np.random.default_rng(7)
+    body = infer_body([round(float(v), 6) for v in rng.uniform(0, 16, 64)])
+    plain = await digits.handle(context(RouteKind.V2_INFER, body))
+    checked: dict[str, np.ndarray] = {}
+    check_infer_request(body, None, checked)
+    assert set(checked) == {"input"} and checked["input"].dtype == np.float64
+    ctx = context(RouteKind.V2_INFER, body)
+    ctx.tensors = checked
+    assert (await digits.handle(ctx)).body == plain.body
+
+
+async def test_checked_inputs_of_another_document_are_never_used(digits: TorchBackend) -> None:
+    """ctx.tensors belongs to ctx.json: a body parsed here (no json attached) ignores them."""
+    ctx = context(RouteKind.V2_INFER)
+    ctx.body = orjson.dumps(infer_body([0] * 64))
+    ctx.tensors = {"input": np.full(64, 9.0)}
+    zeros = await digits.handle(context(RouteKind.V2_INFER, infer_body([0] * 64)))
+    assert (await digits.handle(ctx)).body == zeros.body
+
+
 async def test_body_is_parsed_when_no_json_was_attached(digits: TorchBackend) -> None:
     ctx = context(RouteKind.V2_INFER)
     ctx.body = orjson.dumps(infer_body([1] * 64))

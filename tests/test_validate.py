@@ -361,3 +361,23 @@ def test_bad_schema_file_is_a_config_error_naming_the_file(tmp_path: Path, conte
     text = str(info.value)
     assert str(tmp_path) in text and fragment in text, text
     assert "\n" not in text
+
+
+
+@pytest.mark.parametrize("datatype,value", [("FP64", 10**400), ("FP32", 10**39), ("FP32", -(10**400)), ("FP16", 65505)])
+def test_numbers_beyond_the_datatype_are_refused_naming_the_value(datatype: str, value: int) -> None:
+    from gateway.v2 import check_infer_request
+
+    body = {"inputs": [{"name": "x", "datatype": datatype, "shape": [3], "data": [1.0, value, 2]}]}
+    with pytest.raises(InvalidRequest, match=r"/inputs/0/data/1: out of range for " + datatype):
+        check_infer_request(body)
+
+
+def test_checked_float_inputs_are_handed_over_as_arrays() -> None:
+    from gateway.v2 import check_infer_request
+
+    arrays: dict[str, Any] = {}
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2.5], [3, 4]]},
+                       {"name": "ids", "datatype": "INT64", "shape": [1], "data": [7]}]}
+    check_infer_request(body, None, arrays)
+    assert list(arrays) == ["x"] and arrays["x"].tolist() == [1.0, 2.5, 3.0, 4.0]

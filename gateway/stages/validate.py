@@ -197,7 +197,8 @@ class Validate:
         try:
             document = ctx.json
             if route.kind is RouteKind.V2_INFER:
-                check_infer_request(document, self._declared(model, rules))
+                ctx.tensors = {}
+                check_infer_request(document, self._declared(model, rules), ctx.tensors)
             elif route.kind is RouteKind.OPENAI:
                 check_openai_request(ctx.path, document, max_tokens_cap=rules.max_tokens if rules else None)
             if rules is not None and rules.schema is not None:
