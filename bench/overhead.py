@@ -13,6 +13,7 @@ and each target's ratio to `direct` measured in the same round.
     python bench/overhead.py --variants full,full-novalidate --workers 2
     python bench/overhead.py --variants auth,quota-redis --redis redis://127.0.0.1:6379/0
     python bench/overhead.py --compare /tmp/gw-before   # also run each variant from another checkout (A/B)
+    python bench/overhead.py --variants auth --floors    # and the no-logic proxies: the stack's own cost
 
 Variants: auth (JWT only, allow-all policy rule... still evaluated), auth+policy
 (the example-like policy with ABAC rules), full (policy + memory quota +
@@ -205,6 +206,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--redis", default=None)
+    ap.add_argument("--floors", action="store_true",
+                    help="also run the no-logic proxies (bench/bare_aiohttp_proxy.py, bench/bare_client_proxy.py)")
     ap.add_argument("--compare", type=Path, default=None,
                     help="another checkout of maas-gateway: each variant also runs from there (named base-VARIANT)")
     args = ap.parse_args()
@@ -236,6 +239,15 @@ def main() -> None:
                 procs.append(proc)
                 targets[f"base-{v}"] = port
                 pgids[f"base-{v}"] = proc.pid
+        if args.floors:  # what the stack costs with no gateway logic: aiohttp's client vs ours
+            for name in ("bare_aiohttp_proxy", "bare_client_proxy"):
+                port = free_port()
+                proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / f"{name}.py"),
+                                         f"http://127.0.0.1:{up_port}", str(port)], start_new_session=True)
+                procs.append(proc)
+                wait_port(port)
+                targets[name] = port
+                pgids[name] = proc.pid
         conns = [int(c) for c in args.conns.split(",")]
         results: dict[tuple[str, int], list[dict]] = {}
         for rnd in range(args.rounds):
