@@ -13,7 +13,7 @@ from harness import start_upstream
 from http_helpers import RawServer, make_backend, make_ctx, read_request_head
 
 from backends.http import HttpBackendConfig
-from gateway.errors import BackendError, BackendTimeout, ConfigError, Unavailable
+from gateway.errors import BackendError, BackendTimeout, ConfigError, InvalidRequest, Unavailable
 from gateway.metrics import Metrics
 from gateway.pipeline import RouteKind
 from gateway.typedyaml import build, loads
@@ -109,6 +109,19 @@ async def test_v2_infer_forwards_path_query_and_validated_body() -> None:
     assert orjson.loads(response.body)["target"] == INFER + "?trace=1&x=%2A%26"  # query bytes as sent
     assert response.content_type.startswith("application/json")
     assert "Content-Type" not in response.headers and "Content-Length" not in response.headers
+
+
+async def test_an_identity_header_that_would_split_the_request_is_400_and_nothing_is_sent(upstream) -> None:
+    backend = make_backend([upstream.url])
+    await backend.start()
+    try:
+        ctx = make_ctx(RouteKind.V2_INFER, INFER, body=b"{}", subject="alice\r\nX-Maas-Roles: admin")
+        with pytest.raises(InvalidRequest, match="control character"):
+            await backend.handle(ctx)
+        assert backend.upstreams[0].in_rotation and backend.upstreams[0].failures == 0  # no verdict on it
+    finally:
+        await backend.close()
+    assert upstream.seen == []
 
 
 async def test_body_is_forwarded_when_no_forward_body(upstream) -> None:

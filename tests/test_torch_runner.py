@@ -132,6 +132,30 @@ async def test_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
         await runner.close()
 
 
+async def test_with_no_delay_what_queued_behind_a_running_batch_runs_as_one_batch() -> None:
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def forward(inputs: list[np.ndarray]) -> np.ndarray:
+        gate.wait(10)
+        sizes.append(len(inputs))
+        return np.concatenate(inputs)
+
+    runner = await started(forward, max_batch_size=64, max_batch_delay_s=0)
+    try:
+        first = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
+        await asyncio.sleep(0.05)  # the lone first request ran at once, without waiting for company
+        rest = [asyncio.ensure_future(runner.infer(np.full((1, 1), i))) for i in range(10)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert [float(r[0, 0]) for r in results[1:]] == list(range(10))
+        assert sizes == [1, 10]
+    finally:
+        gate.set()
+        await runner.close()
+
+
 async def test_a_failing_batch_fails_its_callers_and_the_runner_goes_on() -> None:
     calls = []
 

@@ -146,14 +146,6 @@ async def test_body_without_length_ends_with_the_connection(server) -> None:
     pool.close()
 
 
-async def test_body_cut_short_is_an_error_not_a_short_answer(server) -> None:
-    up = await server(lambda n, _h: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this")
-    pool = new_pool()
-    with pytest.raises(Disconnected):
-        await fetch(pool, up.origin)
-    pool.close()
-
-
 async def test_informational_answer_is_skipped(server) -> None:
     up = await server(lambda n, _h: b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
     pool = new_pool()
@@ -209,18 +201,17 @@ async def test_request_target_cannot_split_the_request(server, target) -> None:
     pool.close()
 
 
-async def test_endless_header_block_is_invalid(server) -> None:
-    up = await server(lambda n, _h: b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * 70_000 + b"\r\n\r\n")
+@pytest.mark.parametrize("answer,error", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly this", Disconnected),  # cut short
+    (b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * 70_000 + b"\r\n\r\n", InvalidResponse),  # endless header block
+    (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 300 + b"\r\n", InvalidResponse),  # too many headers
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", InvalidResponse),  # not HTTP
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", InvalidResponse),
+])
+async def test_broken_answers_are_errors_never_short_answers(server, answer: bytes, error: type) -> None:
+    up = await server(lambda n, _h: answer)
     pool = new_pool()
-    with pytest.raises(InvalidResponse):
-        await fetch(pool, up.origin)
-    pool.close()
-
-
-async def test_garbage_answer_is_invalid(server) -> None:
-    up = await server(lambda n, _h: b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    pool = new_pool()
-    with pytest.raises(InvalidResponse):
+    with pytest.raises(error):
         await fetch(pool, up.origin)
     pool.close()
 
@@ -281,6 +272,25 @@ async def test_idle_connections_expire_after_keepalive(server) -> None:
     await asyncio.sleep(0.25)
     await fetch(pool, up.origin)
     assert up.connections == 2
+    pool.close()
+
+
+async def test_idle_connections_are_closed_when_keepalive_runs_out_without_traffic(server) -> None:
+    up = await server()
+    pool = new_pool(keepalive_s=0.1)
+    await fetch(pool, up.origin)
+    assert pool._open == 1
+    await asyncio.sleep(0.35)
+    assert pool._open == 0
+    pool.close()
+
+
+async def test_at_the_limit_an_idle_connection_to_another_upstream_makes_room(server) -> None:
+    a, b = await server(), await server()
+    pool = new_pool(limit=1, connect_timeout_s=1)
+    await fetch(pool, a.origin)  # leaves an idle connection to a, the only slot
+    assert (await fetch(pool, b.origin))[0] == 200
+    assert a.connections == 1 and b.connections == 1 and pool._open == 1
     pool.close()
 
 

@@ -31,6 +31,7 @@ MAX_HEADERS = 256
 PAUSE_ABOVE = 262_144  # buffered but unread body bytes before the socket stops being read (a slow client)
 # control characters other than tab, CR and LF (those two are counted: each header line ends in exactly one pair)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")  # controls and space would end or split the request line
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -56,6 +57,10 @@ class InvalidResponse(UpstreamError):
 
 class Disconnected(UpstreamError):
     """The upstream closed the connection before its answer was complete."""
+
+
+class InvalidRequestLine(ValueError):
+    """The request we were asked to send would not be one request on the wire."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,16 +206,14 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(InvalidResponse("upstream sent an invalid response"))
-        except (httptools.HttpParserError, _Untrusted):
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, _Untrusted):  # no upgrades through a proxy
             self._fail(InvalidResponse("upstream sent an invalid response"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._cancel_timer()
         response = self._response
-        if response is not None and not self._complete and self._close_delimited():
+        if response is not None and not self._complete and _close_delimited(response):
             self._complete = True  # no length and not chunked: the body ends when the connection does
             response._end()
         else:
@@ -283,8 +286,7 @@ class Connection(asyncio.Protocol):
         """The caller is done with the response: pool the connection or close it."""
         self._cancel_timer()
         self._response = None
-        if reusable and self._complete and self._keep_alive and not self._head_only \
-                and self.transport is not None and not self.transport.is_closing():
+        if reusable and self._complete and self._keep_alive and not self._head_only and self.usable():
             self.resume()
             self._pool.put_back(self)
         else:
@@ -305,10 +307,6 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     # -- internals -------------------------------------------------------------
-
-    def _close_delimited(self) -> bool:
-        return all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in self._response.headers) \
-            if self._response is not None else False
 
     def _check_silence(self) -> None:
         self._timer = None
@@ -343,7 +341,12 @@ class Connection(asyncio.Protocol):
 
 
 class _Untrusted(Exception):
-    pass
+    """Raised inside a parser callback: the answer breaks a limit or the connection's framing."""
+
+
+def _close_delimited(response: Response) -> bool:
+    """No Content-Length and not chunked: the body is whatever comes until the connection closes."""
+    return all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in response.headers)
 
 
 class Pool:
@@ -433,17 +436,13 @@ class Pool:
                 ),
                 self._connect_timeout,
             )
-        except TimeoutError:
+        except BaseException as exc:  # the slot was never used: give it to a waiting request
             self._open -= 1
             self._wake_one()
-            raise ConnectTimeout("upstream connect timed out") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._open -= 1
-            self._wake_one()
-            raise ConnectFailed("upstream connection failed") from exc
-        except BaseException:
-            self._open -= 1
-            self._wake_one()
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout("upstream connect timed out") from None
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS handshake (ssl.SSLError)
+                raise ConnectFailed("upstream connection failed") from exc
             raise
         self._origin_of[conn] = origin
         return conn
@@ -517,11 +516,8 @@ def _head(method: str, origin: Origin, target: str, headers: Sequence[tuple[str,
         lines += f"Content-Length: {len(body) if body else 0}\r\n"
         count += 1
     if lines.count("\n") != count or lines.count("\r") != count or _CONTROL.search(lines) \
-            or _CONTROL.search(target) or any(c in target for c in " \r\n"):
+            or _NOT_IN_TARGET.search(target):
         raise InvalidRequestLine("a header or the target for the upstream contains a control character")
     return f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n{lines}\r\n".encode(
         "utf-8", "surrogateescape")
 
-
-class InvalidRequestLine(ValueError):
-    """The request we were asked to send would not be one request on the wire."""

@@ -56,7 +56,6 @@ class BatchRunner:
         self._max_queue = max_queue
         self._pending: collections.deque[_Job] = collections.deque()
         self._arrived: asyncio.Future[None] | None = None  # set by infer() to wake the collector
-        self._started = False
         self._collector: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
@@ -76,7 +75,6 @@ class BatchRunner:
         self.busy_s = 0.0
 
     async def start(self) -> None:
-        self._started = True
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.name}")
         self._collector = asyncio.create_task(self._collect(), name=f"torch-collector-{self.name}")
 
@@ -87,7 +85,7 @@ class BatchRunner:
 
     async def infer(self, inputs: np.ndarray) -> np.ndarray:
         """Queue ``inputs`` (n samples) and wait for their outputs."""
-        if not self._started or self._closing:
+        if self._executor is None or self._closing:
             raise Unavailable(f"model {self.name} is not available")
         pending = self._pending
         if len(pending) >= self._max_queue:
@@ -130,7 +128,7 @@ class BatchRunner:
                 deadline = loop.time() + self._delay
                 while n < self._max_batch:
                     if not pending:
-                        if self._delay <= 0 or loop.time() >= deadline:
+                        if loop.time() >= deadline:  # also at once with a delay of 0
                             break
                         await self._arrival(loop, deadline)
                         if not pending:
@@ -207,7 +205,7 @@ class BatchRunner:
         self._closing = True
         pending = self._pending
         deadline = time.monotonic() + timeout_s
-        while self._started and (pending or self._busy) and time.monotonic() < deadline:
+        while self._executor is not None and (pending or self._busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._collector is not None:
             self._collector.cancel()
