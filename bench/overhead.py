@@ -15,7 +15,9 @@ and each target's ratio to `direct` measured in the same round.
     python bench/overhead.py --compare /tmp/gw-before   # also run each variant from another checkout (A/B)
     python bench/overhead.py --variants auth --floors    # and the no-logic proxies: the stack's own cost
 
-Variants: auth (JWT only, allow-all policy rule... still evaluated), auth+policy
+Variants: auth (JWT + a one-rule policy, v2 protocol: the body is parsed and
+checked), auth-raw (the same, but the model is a `raw` backend: the v2 path is
+forwarded as is, no body parsing: the gateway-core cost), auth+policy
 (the example-like policy with ABAC rules), full (policy + memory quota +
 schema validation + audit), full-redis (quota in Redis), full-novalidate,
 quota-redis (auth+policy+Redis quota only), quota-off (auth+policy only).
@@ -125,7 +127,7 @@ def gateway_config(work: Path, name: str, variant: str, upstream_port: int, keys
 
     d = work / name
     d.mkdir()
-    policy = POLICY_SIMPLE if variant == "auth" else POLICY_FULL
+    policy = POLICY_SIMPLE if variant in ("auth", "auth-raw") else POLICY_FULL
     policy = dict(policy)
     config: dict = {
         "server": {"host": "127.0.0.1", "port": 0, "upstream_timeout_s": 10},
@@ -135,6 +137,8 @@ def gateway_config(work: Path, name: str, variant: str, upstream_port: int, keys
         "models": {"digits": {"backend": {"type": "http", "protocol": "v2",
                                           "upstreams": [f"http://127.0.0.1:{upstream_port}"]}}},
     }
+    if variant == "auth-raw":
+        config["models"]["digits"]["backend"].update(protocol="raw", paths=["/v2/models/digits/infer"])
     if variant.startswith("full"):
         config["audit"] = {"file": str(d / "audit.log")}
         if variant != "full-novalidate":

@@ -25,5 +25,5 @@ PY
 sleep 6
 BODY_FILE=/tmp/maasprof/body.json AUTH="$(cat /tmp/maasprof/token)" timeout 30 wrk -t2 -c16 -d12s -s /tmp/maasprof/post.lua http://127.0.0.1:18999/v2/models/digits/infer > /tmp/maasprof/wrk.txt &
 sleep 2
-py-spy record --nonblocking -r 997 -p $(cat /tmp/maasprof/gw.pid) -d 8 -f raw -o /tmp/maasprof/profile.txt >/dev/null 2>&1 || true
+py-spy record ${PYSPY_OPTS:---nonblocking} -r 997 -p $(cat /tmp/maasprof/gw.pid) -d 8 -f raw -o /tmp/maasprof/profile.txt >/dev/null 2>&1 || true
 wait

@@ -4,7 +4,8 @@
 #     ../shared/bench/run.sh direct envoy-jwt custom:gateway:18090:/v2/models/digits/infer
 # Uses the harness's RS256 JWKS/issuer/audience; the policy allows tokens whose `role` claim is
 # "inference" (the same RBAC Envoy's config does). Knobs: WORKERS (1), PIPELINE (auth | full),
-# QUOTA_STORE (memory | redis://...).
+# QUOTA_STORE (memory | redis://...), PROTOCOL (v2: the body is parsed and checked | raw: the v2 path is
+# forwarded as is, the gateway core's own cost).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR=$(mktemp -d /tmp/maas-harness-XXXX)
@@ -27,7 +28,7 @@ auth:
 policy: {file: $DIR/policy.yaml, watch: false}
 models:
   digits:
-    backend: {type: http, protocol: v2, upstreams: ["${BENCH_UPSTREAM_URL}"]}
+    backend: {type: http, protocol: ${PROTOCOL:-v2}, upstreams: ["${BENCH_UPSTREAM_URL}"]$( [ "${PROTOCOL:-v2}" = raw ] && echo ", paths: [/v2/models/digits/infer]")}
 YAML
 if [ "${PIPELINE:-full}" = full ]; then
   cat >> "$DIR/gateway.yaml" <<YAML

@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from backends.base import Backend, BackendEnv, backend_class
 
@@ -36,6 +35,7 @@ log = logging.getLogger("maas.gateway")
 SINGLETON_HEADERS = ("Authorization", "X-API-Key", "Content-Length", "Content-Type", "Host",
                      "Transfer-Encoding", "X-Request-ID")
 JSON_HEADERS = {"Content-Type": "application/json"}
+SET_BY_GATEWAY = frozenset({"x-request-id", "content-type"})  # never taken from a backend's headers
 
 
 def error_body(error_type: str, message: str, rid: str) -> bytes:
@@ -71,6 +71,7 @@ class Gateway:
         self.checks = [s for s in (self.authorize, self.quota, self.validate) if s is not None]
         self.max_body = config.server.max_body_bytes
         self._tls = config.server.tls is not None
+        self._inflight = self.metrics.tally(self.metrics.inflight)
         self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
@@ -102,8 +103,10 @@ class Gateway:
                 raise ConfigError(f"model {name}: {exc}") from None
         if self.audit:
             await self.audit.start()
+        self.metrics.start_flushing()
 
     async def close(self) -> None:
+        self.metrics.stop_flushing()
         for backend in self.backends.values():
             try:
                 await backend.close()
@@ -154,8 +157,8 @@ class Gateway:
             if cert:
                 ctx.mtls = True
                 ctx.client_cert_subject = _common_name(cert)
-        metrics = self.metrics
-        metrics.inflight.inc()
+        inflight = self._inflight
+        inflight.inc()
         try:
             return await self._run(ctx)
         except GatewayError as exc:
@@ -170,7 +173,7 @@ class Gateway:
             log.exception("unhandled error (request %s)", ctx.request_id)
             return self._error(ctx, InternalError("internal error"))
         finally:
-            metrics.inflight.dec()
+            inflight.dec()
             for callback in ctx._cleanups:
                 try:
                     result = callback(ctx)
@@ -232,8 +235,9 @@ class Gateway:
         if children is None:
             if len(self._metric_children) > 10_000:  # bounded: model names come from config, statuses are few
                 self._metric_children.clear()
-            children = (self.metrics.requests.labels(model, action, str(status)),
-                        self.metrics.request_seconds.labels(model))
+            metrics = self.metrics
+            children = (metrics.tally(metrics.requests.labels(model, action, str(status))),
+                        metrics.histogram_tally(metrics.request_seconds.labels(model)))
             self._metric_children[key] = children
         return children
 
@@ -247,14 +251,12 @@ class Gateway:
                                                                "X-Request-ID": ctx.request_id})
 
     async def _send(self, ctx: RequestContext, response: BackendResponse) -> web.StreamResponse:
-        headers = response.headers
-        if type(headers) is not CIMultiDict:  # the http backend hands over a fresh one: no second copy
-            headers = CIMultiDict(headers)  # a multi-dict: repeated Set-Cookie survives
-        for name, value in ctx.response_headers.items():
-            headers[name] = value
-        headers["X-Request-ID"] = ctx.request_id
-        if "Content-Type" not in headers:
-            headers["Content-Type"] = response.content_type
+        added = ctx.response_headers  # the gateway's own headers replace a backend's of the same name
+        replaced = SET_BY_GATEWAY.union(name.lower() for name in added) if added else SET_BY_GATEWAY
+        headers = [(k, v) for k, v in response.headers if k.lower() not in replaced]
+        headers.extend(added.items())
+        headers.append(("X-Request-ID", ctx.request_id))
+        headers.append(("Content-Type", response.content_type))
         if response.stream is None:
             payload = response.body or b""
             ctx.status, ctx.bytes_out = response.status, len(payload)

@@ -121,7 +121,7 @@ class BackendResponse:
     """
 
     status: int
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: list[tuple[str, str]] = field(default_factory=list)  # in order; a name may repeat (Set-Cookie)
     body: bytes | None = None
     stream: Any = None  # AsyncIterator[bytes]; relayed chunk by chunk, never buffered
     json: Any = None

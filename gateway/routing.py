@@ -26,14 +26,15 @@ class Router:
         self.protocols = dict(protocols)
         self._v2 = {m for m, p in protocols.items() if p == "v2"}
         self._openai = {m for m, p in protocols.items() if p == "openai"}
-        self._raw_exact: dict[str, str] = {}
-        self._raw_globs: list[tuple[str, str]] = []
+        self._raw_exact: dict[str, Route] = {}
+        self._raw_globs: list[tuple[str, Route]] = []
         for model, paths in raw_paths.items():
+            route = Route(RouteKind.RAW, "infer", model, json_body=False)
             for path in paths:
                 if any(c in path for c in "*?["):
-                    self._raw_globs.append((path, model))
+                    self._raw_globs.append((path, route))
                 else:
-                    self._raw_exact[path] = model
+                    self._raw_exact[path] = route
         self._routes: dict[tuple[str, str], Route] = {}
         for model in self._v2:
             base = _V2_PREFIX + model
@@ -53,14 +54,14 @@ class Router:
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{method} not allowed on {path}")
             return _MODELS_LIST
-        model = self._raw_exact.get(path)
-        if model is None:
+        raw = self._raw_exact.get(path)
+        if raw is None:
             for pattern, candidate in self._raw_globs:
                 if fnmatchcase(path, pattern):
-                    model = candidate
+                    raw = candidate
                     break
-        if model is not None:
-            return Route(RouteKind.RAW, "infer", model, json_body=False)
+        if raw is not None:
+            return raw
         if path.startswith(_V2_PREFIX):
             rest = path[len(_V2_PREFIX):]
             name, _, tail = rest.partition("/")

@@ -43,7 +43,7 @@ def ctx_for(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model
 def answer(scores: list[float] = SCORES, shape: list[int] | None = None, with_json: bool = True) -> BackendResponse:
     doc = {"model_name": "digits", "id": "q", "outputs": [{"name": "output", "datatype": "FP32",
                                                           "shape": shape or [2, 10], "data": scores}]}
-    return BackendResponse(200, headers={"Content-Length": "999"}, body=orjson.dumps(doc),
+    return BackendResponse(200, headers=[("Content-Length", "999")], body=orjson.dumps(doc),
                            json=doc if with_json else None)
 
 
@@ -113,7 +113,7 @@ async def test_parses_body_when_backend_gave_no_json(tmp_path: Path) -> None:
 async def test_stale_length_header_is_dropped(tmp_path: Path) -> None:
     stage = Harden(policy(tmp_path, "  - {models: [digits], top_k: 1}\n"))
     response = await stage(ctx_for(), answer())
-    assert "Content-Length" not in response.headers
+    assert "Content-Length" not in dict(response.headers)
 
 
 async def test_counts_in_metric_by_rule(tmp_path: Path) -> None:

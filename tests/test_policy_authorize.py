@@ -69,7 +69,7 @@ async def test_allow_puts_the_decision_on_the_context(stage: Authorize) -> None:
     ctx = ctx_for(("analyst",), "digits")
     await stage(ctx)
     assert ctx.decision is not None and ctx.decision.allowed and ctx.decision.rule == "analysts-digits"
-    assert stage.metrics.policy_decisions.labels(rule="analysts-digits", decision="allow")._value.get() == 1
+    assert stage.metrics.registry.get_sample_value("maas_policy_decisions_total", {"rule": "analysts-digits", "decision": "allow"}) == 1
 
 
 async def test_deny_raises_forbidden_without_rule_contents(stage: Authorize) -> None:
@@ -78,7 +78,7 @@ async def test_deny_raises_forbidden_without_rule_contents(stage: Authorize) -> 
         await stage(ctx)
     assert info.value.status == 403 and info.value.message == "denied by policy"
     assert ctx.decision is not None and ctx.decision.rule == "secret-needs-mtls"
-    assert stage.metrics.policy_decisions.labels(rule="secret-needs-mtls", decision="deny")._value.get() == 1
+    assert stage.metrics.registry.get_sample_value("maas_policy_decisions_total", {"rule": "secret-needs-mtls", "decision": "deny"}) == 1
 
 
 async def test_request_attributes_reach_conditions(stage: Authorize) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gateway.metrics import Metrics
-from gateway.pipeline import Decision
+from gateway.pipeline import Decision, Identity
 from gateway.policy.enforcer import PolicyEnforcer
 from gateway.policy.store import load_policy
 
@@ -186,8 +186,8 @@ def test_cache_hits_count_and_keep_decisions(tmp_path: Path) -> None:
     e = enforcer(tmp_path, {"rules": [allow("a1", ["a"])]}, metrics=metrics)
     for _ in range(5):
         assert decide(e, roles=["a"]).allowed
-    assert metrics.policy_cache.labels(result="miss")._value.get() == 1
-    assert metrics.policy_cache.labels(result="hit")._value.get() == 4
+    assert metrics.registry.get_sample_value("maas_policy_cache_total", {"result": "miss"}) == 1
+    assert metrics.registry.get_sample_value("maas_policy_cache_total", {"result": "hit"}) == 4
 
 
 def test_cache_keys_on_the_claims_a_condition_reads(tmp_path: Path) -> None:
@@ -219,7 +219,7 @@ def test_decisions_that_read_the_request_are_not_cached(tmp_path: Path) -> None:
     assert decide(e, roles=["a"], employment="staff", request={"hour": 22}).allowed  # never read the hour
     assert decide(e, roles=["a"], employment="staff", request={"hour": 3}).allowed
     assert len(e.cache) == 1
-    assert metrics.policy_cache.labels(result="hit")._value.get() == 1
+    assert metrics.registry.get_sample_value("maas_policy_cache_total", {"result": "hit"}) == 1
 
 
 def test_cache_is_bounded(tmp_path: Path) -> None:
@@ -242,3 +242,51 @@ def test_shadow_outcomes_survive_the_cache(tmp_path: Path) -> None:
     second = decide(e, "other", roles=["a"], clearance=3)
     assert first.shadow == second.shadow == (("trial", False),)
     assert decide(e, roles=["a"], clearance=5).shadow == ()
+
+
+# -- the identity memo (decide_for) ---------------------------------------------------------------
+
+
+def identity(sub: str = "u", roles: tuple[str, ...] = ("a",), **claims: Any) -> Identity:
+    return Identity(sub, roles, {"sub": sub, "roles": list(roles), **claims}, "jwt")
+
+
+def test_the_same_identity_object_reuses_its_decision(tmp_path: Path) -> None:
+    metrics = Metrics()
+    e = enforcer(tmp_path, {"rules": [allow("a1", ["a"], when="subject.clearance >= 3")]}, metrics=metrics)
+    built = []
+    caller = identity(clearance=5)
+    for _ in range(3):
+        assert e.decide_for(caller, "digits", None, "infer", lambda: built.append(1) or {}).allowed
+    assert built == [1]  # request attributes built once, for the one evaluation
+    assert metrics.registry.get_sample_value("maas_policy_cache_total", {"result": "hit"}) == 2
+    # another object with the same subject but a different claim is decided on its own claims
+    assert not e.decide_for(identity(clearance=1), "digits", None, "infer", dict).allowed
+    assert e.decide_for(caller, "digits", None, "read", dict).allowed  # action is part of the key
+
+
+def test_a_decision_that_read_the_request_is_never_memoised(tmp_path: Path) -> None:
+    e = enforcer(tmp_path, {"rules": [allow("a1", ["a"]), deny("plain", ["*"], when="not request.mtls")]})
+    caller = identity()
+    assert e.decide_for(caller, "digits", None, "infer", lambda: {"mtls": True}).allowed
+    assert not e.decide_for(caller, "digits", None, "infer", lambda: {"mtls": False}).allowed
+    assert e.decide_for(caller, "digits", None, "infer", lambda: {"mtls": True}).allowed
+
+
+def test_a_reloaded_policy_does_not_see_the_old_memo(tmp_path: Path) -> None:
+    caller = identity()
+    old = enforcer(tmp_path, {"rules": [allow("a1", ["a"])]})
+    assert old.decide_for(caller, "digits", None, "infer", dict).allowed
+    new = enforcer(tmp_path, {"rules": [deny("d1", ["a"])]})
+    assert new.decide_for(caller, "digits", None, "infer", dict) == Decision(False, "d1", ("a",))
+
+
+def test_the_memo_is_bounded_and_off_with_the_cache(tmp_path: Path) -> None:
+    e = enforcer(tmp_path, {"rules": [allow("a1", ["a"])]}, cache_size=3)
+    callers = [identity(f"u{i}") for i in range(10)]
+    for caller in callers:
+        assert e.decide_for(caller, "digits", None, "infer", dict).allowed
+    assert len(e._by_identity) <= 3
+    off = enforcer(tmp_path, {"rules": [allow("a1", ["a"])]}, cache_size=0)
+    assert off.decide_for(callers[0], "digits", None, "infer", dict).allowed
+    assert len(off._by_identity) == 0

@@ -70,11 +70,17 @@ async def test_workers_share_one_port(tmp_path: Path, keys: Keys) -> None:
                                   headers={**keys.auth(), "Connection": "close"}) as r:
                     statuses.append(r.status)
         assert statuses == [200] * 20
+        # whichever worker answers the scrape, it reports every worker's requests (each flushes once a second)
+        counted = 0.0
         async with aiohttp.ClientSession() as s:
-            text = await (await s.get(f"http://127.0.0.1:{admin}/metrics")).text()
-        # whichever worker answers the scrape, it reports every worker's requests
-        line = next(l for l in text.splitlines() if l.startswith("maas_requests_total{") and 'status="200"' in l)
-        assert float(line.rsplit(" ", 1)[1]) == 20.0
+            for _ in range(30):
+                text = await (await s.get(f"http://127.0.0.1:{admin}/metrics")).text()
+                line = next(l for l in text.splitlines() if l.startswith("maas_requests_total{") and 'status="200"' in l)
+                counted = float(line.rsplit(" ", 1)[1])
+                if counted >= 20:
+                    break
+                await asyncio.sleep(0.1)
+        assert counted == 20.0
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2
         proc.send_signal(signal.SIGTERM)

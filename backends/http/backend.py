@@ -71,7 +71,8 @@ class HttpBackend(Backend):
             metrics=env.metrics,
         )
         self._retries = config.retries
-        self._seconds: Any = env.metrics.upstream_seconds.labels(name) if env.metrics is not None else NO_METRIC
+        self._seconds: Any = (env.metrics.histogram_tally(env.metrics.upstream_seconds.labels(name))
+                              if env.metrics is not None else NO_METRIC)
         self._client: Pool | None = None
 
     # -- Backend contract ----------------------------------------------------

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from multidict import CIMultiDict
-
 # RFC 9110 section 7.6.1 plus the de-facto Proxy-Connection.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
@@ -34,6 +32,8 @@ REQUEST_DROP_PREFIXES = ("x-maas-", "x-forwarded-")
 # Content-Type travels in BackendResponse.content_type; the server sets its own
 # length/encoding framing and X-Request-ID.
 RESPONSE_DROP = HOP_BY_HOP | frozenset({"content-length", "content-type", "x-request-id"})
+
+_PLAIN_CONNECTION = ("keep-alive", "close")  # Connection values that name no other header
 
 _ADDED = ("X-Request-ID", "X-Forwarded-For", "X-Forwarded-Proto", "X-Maas-Subject", "X-Maas-Roles")
 
@@ -88,14 +88,13 @@ class RequestHeaders:
         return out
 
 
-def response_headers(upstream: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
-    """The upstream's response headers minus framing and hop-by-hop ones.
+def response_headers(upstream: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's response headers minus framing and hop-by-hop ones, in order.
 
-    A ``CIMultiDict`` (a case-insensitive mapping) so repeated headers such as
-    ``Set-Cookie`` survive.
+    A list of pairs, so repeated headers such as ``Set-Cookie`` survive.
     """
     drop = RESPONSE_DROP
     for k, v in upstream:
-        if k.lower() == "connection":
+        if k.lower() == "connection" and v.lower() not in _PLAIN_CONNECTION:  # names more hop-by-hop headers
             drop = drop | connection_tokens(v)
-    return CIMultiDict((k, v) for k, v in upstream if k.lower() not in drop)
+    return [(k, v) for k, v in upstream if k.lower() not in drop]

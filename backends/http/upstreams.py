@@ -63,7 +63,7 @@ class Upstream:
             self.healthy_gauge: Any = NO_METRIC
             self.ejections: Any = NO_METRIC
         else:
-            self.outcome = {o: metrics.upstream_requests.labels(model, self.label, o) for o in OUTCOMES}
+            self.outcome = {o: metrics.tally(metrics.upstream_requests.labels(model, self.label, o)) for o in OUTCOMES}
             self.healthy_gauge = metrics.upstream_healthy.labels(model, self.label)
             self.ejections = metrics.upstream_ejections.labels(model, self.label)
         self.healthy_gauge.set(1)

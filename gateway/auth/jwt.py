@@ -70,8 +70,8 @@ class JwtVerifier:
         self._cache_size = max(0, config.cache_size)
         self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
         self._cached_for: KeySet | None = None  # the key set the cache entries were verified with
-        self._hit = metrics.auth_cache.labels(result="hit")
-        self._miss = metrics.auth_cache.labels(result="miss")
+        self._hit = metrics.tally(metrics.auth_cache.labels(result="hit"))
+        self._miss = metrics.tally(metrics.auth_cache.labels(result="miss"))
         audience = config.audience
         self._audience = list(audience) if isinstance(audience, list) else audience
         self._options: dict[str, Any] = {"require": ["exp"], "verify_signature": True}

@@ -27,15 +27,23 @@ at the same paths, evaluate identically. So a decision is cached under
 (roles, model, action) + the paths it read + their tokens, and found again by
 re-reading those paths. Decisions that read any ``request.*`` attribute are not
 cached. Each compiled policy gets a fresh cache: a reload invalidates it.
+
+In front of that cache sits a memo keyed by the caller's ``Identity`` object
+itself (``decide_for``). The authenticate stage hands back the same object for
+every request carrying the same verified token (its own cache), so steady
+traffic finds its decision without re-deriving roles and facts. It holds only
+cacheable decisions (none that read ``request.*``), keeps the identity alive
+so its ``id`` cannot be reused, and dies with the compiled policy like the
+cache behind it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..pipeline import Decision
+from ..pipeline import Decision, Identity
 from .compile import DEFAULT_DENY, ID_COLUMN, CompiledPolicy, CompiledRule
 from .truth import UNKNOWN, Facts, Path, Truth, value_token
 
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 MAX_SHAPES = 16  # distinct read-sets remembered per (roles, model, action)
+MAX_IDENTITY_MEMO = 4096  # (identity, model, action) decisions remembered; cleared when full
 
 
 class Evaluation:
@@ -140,8 +149,10 @@ class PolicyEnforcer:
     def __init__(self, compiled: CompiledPolicy, cache_size: int = 10_000, metrics: Metrics | None = None) -> None:
         self.compiled = compiled
         self.cache = DecisionCache(cache_size)
-        self._hit = metrics.policy_cache.labels(result="hit") if metrics else None
-        self._miss = metrics.policy_cache.labels(result="miss") if metrics else None
+        self._memo_size = min(cache_size, MAX_IDENTITY_MEMO)
+        self._by_identity: dict[tuple[int, str, str], tuple[Any, Decision]] = {}
+        self._hit = metrics.tally(metrics.policy_cache.labels(result="hit")) if metrics else None
+        self._miss = metrics.tally(metrics.policy_cache.labels(result="miss")) if metrics else None
 
     @property
     def document(self) -> Any:
@@ -149,6 +160,28 @@ class PolicyEnforcer:
 
     def decide(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Decision:
+        return self._decide(subject, roles, claims, model, labels, action, request)[0]
+
+    def decide_for(self, identity: Identity, model: str, labels: Mapping[str, Any] | None, action: str,
+                   request: Callable[[], Mapping[str, Any]]) -> Decision:
+        """``decide`` for an authenticated caller; ``request`` builds the request attributes only when needed."""
+        key = (id(identity), model, action)
+        memo = self._by_identity.get(key)
+        if memo is not None and memo[0] is identity:
+            if self._hit is not None:
+                self._hit.inc()
+            return memo[1]
+        decision, cacheable = self._decide(identity.subject, identity.roles, identity.claims or {}, model, labels,
+                                           action, request())
+        if cacheable and self._memo_size:
+            if len(self._by_identity) >= self._memo_size:
+                self._by_identity.clear()
+            self._by_identity[key] = (identity, decision)
+        return decision
+
+    def _decide(self, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
+                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> tuple[Decision, bool]:
+        """The decision and whether it may be reused (it read no ``request.*`` attribute)."""
         effective = self.compiled.effective_roles(subject, roles)
         facts = make_facts(subject, roles, claims, model, labels, request)
         base = (effective, model, action)
@@ -156,13 +189,13 @@ class PolicyEnforcer:
         if found is not None:
             if self._hit is not None:
                 self._hit.inc()
-            return found
+            return found, True
         if self._miss is not None:
             self._miss.inc()
         decision, evaluation = self._evaluate(effective, model, action, facts)
         if not facts.read_request:
             self.cache.put(base, facts.reads, decision)
-        return decision
+        return decision, not facts.read_request
 
     def explain(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
                 labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Explanation:

@@ -32,6 +32,11 @@ def utc_hour() -> int:
     return int(time.time() // 3600 % 24)  # epoch time has no leap offsets: this is the UTC hour
 
 
+def request_facts(ctx: RequestContext) -> dict[str, Any]:
+    """What a ``when`` condition may read as ``request.*``."""
+    return {"ip": ctx.client_ip, "mtls": ctx.mtls, "hour": utc_hour(), "method": ctx.request.method, "path": ctx.path}
+
+
 class Authorize:
     name = "authorize"
 
@@ -60,11 +65,8 @@ class Authorize:
         identity = ctx.identity
         if current is None or identity is None or not model_name or not action:
             return NO_POLICY
-        request = {"ip": ctx.client_ip, "mtls": ctx.mtls, "hour": utc_hour(),
-                   "method": ctx.request.method, "path": ctx.path}
         labels = model.labels if model is not None else None
-        return current.enforcer.decide(subject=identity.subject, roles=identity.roles, claims=identity.claims or {},
-                                       model=model_name, labels=labels, action=action, request=request)
+        return current.enforcer.decide_for(identity, model_name, labels, action, lambda: request_facts(ctx))
 
     def allowed_models(self, ctx: RequestContext, models: Mapping[str, ModelConfig]) -> list[str]:
         """Names of the models the caller may ``read`` (for ``GET /v1/models``), in config order."""
@@ -76,7 +78,8 @@ class Authorize:
         if counter is None:
             if len(self._counters) >= MAX_COUNTERS:
                 self._counters.clear()
-            counter = self._counters[key] = self.metrics.policy_decisions.labels(rule=key[0], decision=key[1])
+            counter = self._counters[key] = self.metrics.tally(
+                self.metrics.policy_decisions.labels(rule=key[0], decision=key[1]))
         counter.inc()
 
 

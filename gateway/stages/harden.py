@@ -41,6 +41,10 @@ def build(services: Services) -> Harden | None:
     return Harden(services.policy, services.metrics)
 
 
+# headers that describe the upstream's bytes, not the rewritten answer
+_REWRITTEN = frozenset({"content-length", "content-encoding", "etag", "content-type"})
+
+
 def rule_id(rule: OutputRule, index: int) -> str:
     return rule.id or f"outputs[{index}]"
 
@@ -142,9 +146,7 @@ class Harden:
         response.json, wire = self._rewrite(payload, rule)
         response.body = orjson.dumps(wire, option=orjson.OPT_SERIALIZE_NUMPY)
         response.content_type = "application/json"
-        for name in [h for h in response.headers if h.lower() in ("content-length", "content-encoding", "etag",
-                                                                   "content-type")]:
-            del response.headers[name]
+        response.headers = [(k, v) for k, v in response.headers if k.lower() not in _REWRITTEN]
         if self._metrics is not None:
             self._metrics.hardened.labels(ctx.model_name, rule_id(rule, index)).inc()
         return response

@@ -10,6 +10,7 @@ exactly what is served.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from ..errors import InvalidRequest
@@ -18,6 +19,7 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _HEX = frozenset("0123456789abcdefABCDEF")
 # characters allowed literally in a path (RFC 3986 pchar + "/"), besides %XX
 _ALLOWED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/")
+_PLAIN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")  # the same set: a path with nothing to decode or refuse
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -38,7 +40,9 @@ def normalise(raw: str) -> str:
     """Percent-decode unreserved characters, refuse ambiguous ones, drop dot segments and repeated slashes."""
     out: list[str] = []
     i, n = 0, len(raw)
-    if "%" not in raw:
+    if _PLAIN.fullmatch(raw):
+        decoded = raw
+    elif "%" not in raw:
         for ch in raw:
             if ch not in _ALLOWED:
                 _refuse_char(ch)
