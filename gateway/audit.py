@@ -82,6 +82,7 @@ class AuditLog:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=1 << 16)
         self._task: asyncio.Task[None] | None = None
+        self._lines = metrics.tally(metrics.audit_lines) if metrics else None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._flush_forever(), name="audit-flush")
@@ -97,8 +98,8 @@ class AuditLog:
             log.error("audit write failed: %s", exc)
             return
         self._prev = hashlib.sha256(line).hexdigest()
-        if self.metrics:
-            self.metrics.audit_lines.inc()
+        if self._lines is not None:
+            self._lines.inc()
 
     def record(self, ctx: RequestContext, now: float) -> None:
         identity, decision = ctx.identity, ctx.decision

@@ -22,9 +22,10 @@ datatype, the same rank, and each dimension equal unless the declaration says
 from __future__ import annotations
 
 import math
+from array import array as pyarray
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from .errors import InvalidRequest
 
 MAX_RANK = 32  # dimensions in one shape (numpy's own limit is 32 on older versions, 64 on newer)
 _NUMBERS = frozenset({int, float})
+_FEW_SUSPECTS = 64  # values equal to 0 or 1 checked one by one for being a bool; past this, the whole list
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,21 +164,23 @@ def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: 
     """Type and range of every value; for floating-point datatypes, the values as a float64 array."""
     if not values:
         return None
-    if not set(map(type, values)) <= spec.types:
-        index = next(i for i, v in enumerate(values) if type(v) not in spec.types)
-        raise RequestViolation(f"{where}{_pointer(index, dims)}: must be {datatype} ({spec.noun})", "v2_datatype")
     array = None
     if spec.types is _NUMBERS:  # floats: one C conversion, then min/max over the array (~3x faster than on the list)
         try:
-            array = np.array(values, dtype=np.float64)
+            array = _float_array(values)
         except OverflowError:  # an integer beyond any float: out of range whatever the datatype
             within = False
         else:
+            if array is None:
+                _refuse_type(values, dims, spec, datatype, where)
             within = spec.low is None or spec.high is None or spec.low <= array.min() and array.max() <= spec.high
-    elif spec.low is not None and spec.high is not None:
-        within = spec.low <= min(values) and max(values) <= spec.high
     else:
-        within = True
+        if not set(map(type, values)) <= spec.types:
+            _refuse_type(values, dims, spec, datatype, where)
+        if spec.low is not None and spec.high is not None:
+            within = spec.low <= min(values) and max(values) <= spec.high
+        else:
+            within = True
     if not within:
         index = next(i for i, v in enumerate(values) if not _within(v, spec))
         low = "-inf" if spec.low is None else _num(spec.low)
@@ -184,6 +188,32 @@ def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: 
         raise RequestViolation(f"{where}{_pointer(index, dims)}: out of range for {datatype} [{low}, {high}]",
                                "v2_range")
     return array
+
+
+def _float_array(values: list[Any]) -> np.ndarray | None:
+    """``values`` as float64 when every one is an int or a float (a bool is not), else None.
+
+    ``array.array("d", ...)`` converts in one C pass and refuses strings, nulls,
+    lists and objects (TypeError), but takes booleans as 0.0 and 1.0; so only
+    the values that came out as exactly 0 or 1 are looked at again. This is
+    ~2x cheaper than a type set over the whole list plus a separate conversion.
+    OverflowError (an integer beyond any float) is the caller's to handle.
+    """
+    try:
+        array = np.frombuffer(pyarray("d", values), dtype=np.float64)
+    except TypeError:
+        return None
+    suspects = np.flatnonzero((array == 0.0) | (array == 1.0))
+    if suspects.size:
+        maybe = values if suspects.size > _FEW_SUSPECTS else [values[i] for i in suspects.tolist()]
+        if bool in set(map(type, maybe)):
+            return None
+    return array
+
+
+def _refuse_type(values: list[Any], dims: list[int], spec: Datatype, datatype: str, where: str) -> NoReturn:
+    index = next(i for i, v in enumerate(values) if type(v) not in spec.types)
+    raise RequestViolation(f"{where}{_pointer(index, dims)}: must be {datatype} ({spec.noun})", "v2_datatype")
 
 
 def _within(value: int | float, spec: Datatype) -> bool:

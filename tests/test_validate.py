@@ -102,6 +102,13 @@ async def test_valid_v2_request_forwards_the_exact_validated_bytes() -> None:
     ([tensor([1.0, "2", 3.0], [3])], "/inputs/0/data/1: must be FP32 (numbers)", "v2_datatype"),
     ([tensor([[1, 2], [3, 4.5]], [2, 2], "INT32")], "/inputs/0/data/1/1: must be INT32 (integers)", "v2_datatype"),
     ([tensor([1, True], [2], "INT8")], "/inputs/0/data/1: must be INT8 (integers)", "v2_datatype"),
+    # a JSON boolean converts to 1.0 / 0.0 like a number would: among equal numbers, few or many, it is still found
+    ([tensor([0.5, 1.0, True, 0.0], [4])], "/inputs/0/data/2: must be FP32 (numbers)", "v2_datatype"),
+    ([tensor([[0.0] * 50, [1.0] * 49 + [False]], [2, 50], "FP64")], "/inputs/0/data/1/49: must be FP64 (numbers)",
+     "v2_datatype"),
+    ([tensor([None, 0.5], [2], "FP16")], "/inputs/0/data/0: must be FP16 (numbers)", "v2_datatype"),
+    ([tensor([0.5, [1.0]], [2])], "/inputs/0/data/1: must be FP32 (numbers)", "v2_datatype"),
+    ([tensor([0.5, {"v": 1}], [2])], "/inputs/0/data/1: must be FP32 (numbers)", "v2_datatype"),
     ([tensor([1, 0], [2], "BOOL")], "/inputs/0/data/0: must be BOOL (booleans)", "v2_datatype"),
     ([tensor([1, 2], [2], "BYTES")], "/inputs/0/data/0: must be BYTES (strings)", "v2_datatype"),
     ([tensor([1, 300], [2], "INT8")], "/inputs/0/data/1: out of range for INT8 [-128, 127]", "v2_range"),

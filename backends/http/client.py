@@ -388,7 +388,7 @@ class Pool:
     ) -> Response:
         """Send one request and return its response once the headers arrived."""
         head = _head(method, origin, target, headers, body)
-        conn = await self._acquire(origin)
+        conn = self._take_idle(origin) or await self._acquire(origin)
         try:
             return await conn.send(head, body, method == "HEAD", timeout_s)
         except BaseException:

@@ -87,7 +87,7 @@ class Authenticate:
             raise InvalidRequest("send one credential: Authorization or X-API-Key, not both")
         try:
             if authorization:
-                ctx.identity = await self._bearer(authorization[0])
+                ctx.identity = self._bearer(authorization[0]) or await self._verify(authorization[0])
             elif api_key:
                 ctx.identity = self._api_key(api_key[0].strip())
             elif self.mtls is not None and ctx.mtls and ctx.client_cert_subject:
@@ -99,7 +99,8 @@ class Authenticate:
             error = None if failure.reason in ("missing", "unsupported_scheme") else "invalid_token"
             raise Unauthenticated(failure.message, error=error) from None
 
-    async def _bearer(self, value: str) -> Identity:
+    def _bearer(self, value: str) -> Identity | None:
+        """The identity behind an API key or an already verified JWT; None when the JWT must be verified."""
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer":
             raise AuthFailure("unsupported_scheme", "expected an Authorization: Bearer credential")
@@ -110,10 +111,12 @@ class Authenticate:
             return self._api_key(token)
         if self.jwt is None:
             raise AuthFailure("jwt_disabled", "bearer tokens (JWT) are not accepted here")
-        identity = self.jwt.cached(token)
-        if identity is None:
-            identity = await self.jwt.verify(token)
-        return identity
+        return self.jwt.cached(token)
+
+    async def _verify(self, value: str) -> Identity:
+        """The slow path of ``_bearer``: a full signature check (and a JWKS refresh for an unknown key)."""
+        assert self.jwt is not None  # _bearer returned None: a JWT with a verifier configured
+        return await self.jwt.verify(value.strip().partition(" ")[2].strip())
 
     def _api_key(self, key: str) -> Identity:
         if self.api_keys is None:
