@@ -34,6 +34,7 @@ from .errors import InvalidRequest
 
 MAX_RANK = 32  # dimensions in one shape (numpy's own limit is 32 on older versions, 64 on newer)
 _NUMBERS = frozenset({int, float})
+_SMALL_TENSOR = 256  # up to this many values: a type set over the list, then one conversion
 _FEW_SUSPECTS = 64  # values equal to 0 or 1 checked one by one for being a bool; past this, the whole list
 
 
@@ -199,6 +200,10 @@ def _float_array(values: list[Any]) -> np.ndarray | None:
     ~2x cheaper than a type set over the whole list plus a separate conversion.
     OverflowError (an integer beyond any float) is the caller's to handle.
     """
+    if len(values) <= _SMALL_TENSOR:  # numpy's fixed costs outweigh a Python pass over a few values
+        if not set(map(type, values)) <= _NUMBERS:
+            return None
+        return np.array(values, dtype=np.float64)
     try:
         array = np.frombuffer(pyarray("d", values), dtype=np.float64)
     except TypeError:

@@ -107,6 +107,11 @@ async def test_valid_v2_request_forwards_the_exact_validated_bytes() -> None:
     ([tensor([[0.0] * 50, [1.0] * 49 + [False]], [2, 50], "FP64")], "/inputs/0/data/1/49: must be FP64 (numbers)",
      "v2_datatype"),
     ([tensor([None, 0.5], [2], "FP16")], "/inputs/0/data/0: must be FP16 (numbers)", "v2_datatype"),
+    # past 256 values the list is converted in one C pass and only the 0/1 values are looked at again
+    ([tensor([0.5] * 299 + [True], [300])], "/inputs/0/data/299: must be FP32 (numbers)", "v2_datatype"),
+    ([tensor([0.0] * 150 + [False] + [1.0] * 149, [300])], "/inputs/0/data/150: must be FP32 (numbers)",
+     "v2_datatype"),
+    ([tensor([0.5] * 299 + ["1"], [300])], "/inputs/0/data/299: must be FP32 (numbers)", "v2_datatype"),
     ([tensor([0.5, [1.0]], [2])], "/inputs/0/data/1: must be FP32 (numbers)", "v2_datatype"),
     ([tensor([0.5, {"v": 1}], [2])], "/inputs/0/data/1: must be FP32 (numbers)", "v2_datatype"),
     ([tensor([1, 0], [2], "BOOL")], "/inputs/0/data/0: must be BOOL (booleans)", "v2_datatype"),
