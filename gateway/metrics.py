@@ -217,8 +217,8 @@ class Metrics:
         self.flush()
 
     def exposition(self) -> bytes:
-        self.flush()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the merged registry reads files: put this worker's in first
+            self.flush()
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)
             return generate_latest(merged)

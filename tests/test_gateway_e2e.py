@@ -247,3 +247,23 @@ async def test_upstream_errors_map_to_502_and_504(tmp_path: Path, keys: Keys) ->
     finally:
         await gw.stop()
         await up.stop()
+
+
+async def test_an_upstream_cannot_set_the_request_id_or_a_second_content_type(tmp_path: Path, keys: Keys) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"outputs": []}', content_type="application/json",
+                            headers={"X-Request-ID": "upstream-id", "X-Model-Version": "7"})
+
+    up = await start_upstream(answer)
+    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(gw.url + "/v2/models/digits/infer", json=V2_BODY,
+                             headers={**keys.auth("alice"), "X-Request-ID": "abc-123"})
+            assert r.status == 200
+            assert r.headers.getall("X-Request-ID") == ["abc-123"]
+            assert r.headers.getall("Content-Type") == ["application/json"]
+            assert r.headers["X-Model-Version"] == "7"
+    finally:
+        await gw.stop()
+        await up.stop()

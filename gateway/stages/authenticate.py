@@ -87,7 +87,14 @@ class Authenticate:
             raise InvalidRequest("send one credential: Authorization or X-API-Key, not both")
         try:
             if authorization:
-                ctx.identity = self._bearer(authorization[0]) or await self._verify(authorization[0])
+                token = bearer_token(authorization[0])
+                jwt = self.jwt
+                if token.startswith(KEY_PREFIX):
+                    ctx.identity = self._api_key(token)
+                elif jwt is None:
+                    raise AuthFailure("jwt_disabled", "bearer tokens (JWT) are not accepted here")
+                else:  # a verified token is found without a signature check (or a coroutine)
+                    ctx.identity = jwt.cached(token) or await jwt.verify(token)
             elif api_key:
                 ctx.identity = self._api_key(api_key[0].strip())
             elif self.mtls is not None and ctx.mtls and ctx.client_cert_subject:
@@ -98,25 +105,6 @@ class Authenticate:
             self._metrics.auth_failures.labels(reason=failure.reason).inc()
             error = None if failure.reason in ("missing", "unsupported_scheme") else "invalid_token"
             raise Unauthenticated(failure.message, error=error) from None
-
-    def _bearer(self, value: str) -> Identity | None:
-        """The identity behind an API key or an already verified JWT; None when the JWT must be verified."""
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            raise AuthFailure("unsupported_scheme", "expected an Authorization: Bearer credential")
-        token = token.strip()
-        if not token:
-            raise AuthFailure("malformed", "empty bearer token")
-        if token.startswith(KEY_PREFIX):
-            return self._api_key(token)
-        if self.jwt is None:
-            raise AuthFailure("jwt_disabled", "bearer tokens (JWT) are not accepted here")
-        return self.jwt.cached(token)
-
-    async def _verify(self, value: str) -> Identity:
-        """The slow path of ``_bearer``: a full signature check (and a JWKS refresh for an unknown key)."""
-        assert self.jwt is not None  # _bearer returned None: a JWT with a verifier configured
-        return await self.jwt.verify(value.strip().partition(" ")[2].strip())
 
     def _api_key(self, key: str) -> Identity:
         if self.api_keys is None:
@@ -129,6 +117,17 @@ class Authenticate:
             raise AuthFailure("bad_certificate", "client certificate subject has no single common name")
         claims = MappingProxyType({"sub": cn, "roles": list(self._mtls_roles)})
         return Identity(subject=cn, roles=self._mtls_roles, claims=claims, method="mtls", credential_id=None)
+
+
+def bearer_token(value: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` value; ``AuthFailure`` for another scheme or none."""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthFailure("unsupported_scheme", "expected an Authorization: Bearer credential")
+    token = token.strip()
+    if not token:
+        raise AuthFailure("malformed", "empty bearer token")
+    return token
 
 
 def common_name(subject: Any) -> str | None:
