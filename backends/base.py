@@ -64,6 +64,10 @@ class Backend(ABC):
         """Paths forwarded as is to this backend (``raw`` protocol); routed with action ``infer``."""
         return []
 
+    def raw_methods(self) -> list[str]:
+        """The methods ``raw_paths`` take; any other is answered 405 by the gateway."""
+        return ["POST"]
+
     def protocol(self) -> str:
         """``v2``, ``openai`` or ``raw``: which public routes reach this model."""
         return "v2"

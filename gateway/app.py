@@ -22,9 +22,10 @@ from backends.base import Backend, BackendEnv, backend_class
 
 from . import audit as audit_mod
 from .config import GatewayConfig
-from .errors import ConfigError, GatewayError, InternalError, InvalidRequest, NotFound, MethodNotAllowed
+from .errors import ConfigError, GatewayError, InternalError, InvalidRequest, NotFound, MethodNotAllowed, Unavailable
 from .metrics import Metrics
-from .pipeline import BackendResponse, RequestContext, RouteKind
+from .pipeline import BackendResponse, Decision, RequestContext, RouteKind
+from .redact import redact_text
 from .routing import Router
 from .services import Services
 from .stages import authenticate, authorize, body, harden, path, quota, request_id, validate
@@ -60,7 +61,8 @@ class Gateway:
             for name, model in config.models.items()
         }
         self.router = Router({n: b.protocol() for n, b in self.backends.items()},
-                             {n: b.raw_paths() for n, b in self.backends.items()})
+                             {n: b.raw_paths() for n, b in self.backends.items()},
+                             {n: b.raw_methods() for n, b in self.backends.items()})
         self.authenticate = authenticate.build(services)
         self.body = body.build(services)
         self.authorize = authorize.build(services)
@@ -75,7 +77,7 @@ class Gateway:
         self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
-            self.audit = audit_mod.AuditLog(config.audit.file, self.metrics)
+            self.audit = audit_mod.AuditLog.from_config(config.audit, self.metrics)
         self._components = [c for c in (self.policy, self.authenticate, self.body, self.authorize, self.quota,
                                         self.validate, self.harden) if c is not None]
 
@@ -142,7 +144,10 @@ class Gateway:
             if callable(check):
                 reason = check()
                 if reason:
-                    reasons.append(reason)
+                    reasons.append(redact_text(reason))  # /readyz is read by probes and people: no credentials
+        audit_down = self.audit.not_ready() if self.audit is not None else None
+        if audit_down:
+            reasons.append(audit_down)
         return reasons
 
     # -- the request path ------------------------------------------------------------
@@ -189,6 +194,8 @@ class Gateway:
                 self.audit.record(ctx, now)
 
     async def _run(self, ctx: RequestContext) -> web.StreamResponse:
+        if self.audit is not None and self.audit.refusing:  # audit.required: no request goes un-audited
+            raise Unavailable("audit log not writable")
         request = ctx.request
         headers = request.headers
         for name in SINGLETON_HEADERS:
@@ -246,6 +253,7 @@ class Gateway:
         created = 0
         data = [{"id": m, "object": "model", "created": created, "owned_by": "maas-gateway"} for m in allowed]
         payload = orjson.dumps({"object": "list", "data": data})
+        ctx.decision = Decision(True, "models-list")  # answered, filtered per model by policy: an allow
         ctx.status, ctx.bytes_out = 200, len(payload)
         return web.Response(status=200, body=payload, headers={**ctx.response_headers, **JSON_HEADERS,
                                                                "X-Request-ID": ctx.request_id})

@@ -11,10 +11,10 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import CliError, ConfigError
+from .redact import redact_text
 
 # modules that add their own command groups
 COMMAND_MODULES = ("gateway.policy.cli", "gateway.auth.cli", "backends.torch.cli", "gateway.openapi")
@@ -39,7 +39,7 @@ def _check(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         findings = collect(config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     for f in findings:
         print(f.line())
@@ -52,17 +52,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify
+    from .audit.cli import run_verify
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"{path}: file not found")
-    count, bad, reason = verify(path)
-    if bad is not None:
-        print(f"{path}:{bad}: chain broken: {reason}")
-        return 1
-    print(f"{path}: {count} line(s), chain intact")
-    return 0
+    return run_verify(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True,
                                                                           parser_class=_Parser)
-    p = audit.add_parser("verify", help="check the audit log's hash chain")
-    p.add_argument("file")
+    p = audit.add_parser("verify", help="check the audit log's hash chain (and macs, and the witness)")
+    from .audit.cli import add_arguments as audit_verify_arguments
+
+    audit_verify_arguments(p)
     p.set_defaults(func=_audit_verify)
 
     for module_name in COMMAND_MODULES:
@@ -124,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.code
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # a message may quote a config value: a store URL shows no password
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -42,6 +42,13 @@ class ServerConfig:
     upstream_connect_timeout_s: float = 5.0
     shutdown_timeout_s: float = 30.0  # graceful drain on SIGTERM
     body_timeout_s: float = 30.0  # a body that stops arriving is refused (408) after this long
+    # client-side limits, enforced per connection by gateway.connection_limits
+    header_timeout_s: float = 10.0  # a request line + headers must arrive whole within this, else the connection closes
+    keepalive_timeout_s: float = 75.0  # an idle client connection is closed after this
+    max_header_bytes: int = 65_536  # request line + all headers; beyond it: 431, connection closed
+    max_connections: int = 10_000  # open client connections per process; beyond it a new one is closed at once
+    max_connections_per_ip: int = 1024  # the same, per client address
+    client_write_timeout_s: float = 30.0  # a client that takes nothing of an answer (or stream) this long is dropped
     workers: int = 1
     tls: TlsConfig | None = None
 
@@ -52,6 +59,15 @@ class ServerConfig:
             return "max_body_bytes", "must be positive"
         if self.upstream_timeout_s <= 0:
             return "upstream_timeout_s", "must be positive"
+        for key in ("header_timeout_s", "keepalive_timeout_s", "client_write_timeout_s"):
+            if getattr(self, key) <= 0:
+                return key, "must be positive"
+        if self.max_header_bytes < 1024:
+            return "max_header_bytes", "must be at least 1024"
+        if self.max_connections < 1:
+            return "max_connections", "must be at least 1"
+        if self.max_connections_per_ip < 1:
+            return "max_connections_per_ip", "must be at least 1"
         if self.workers < 1:
             return "workers", "must be at least 1"
         return None
@@ -162,8 +178,42 @@ class QuotaConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
+    """``audit:``; what each key guarantees is told in ``gateway/audit/__init__.py``."""
+
     file: Path | None = None
     enabled: bool = True
+    required: bool = True  # a line that cannot be written fails /readyz and answers 503 until writing works again
+    key_env: str | None = None  # env var holding the MAC key (base64url, >= 32 bytes): each line carries `mac`
+    key_file: Path | None = None  # or a file holding it (`maas-gateway model keygen --out FILE` makes one)
+    witness: str | None = None  # redis://... or a file path (relative to this file): the chain head after each flush
+    max_pending_bytes: int = 16 * 1024 * 1024  # lines kept in memory while the file cannot be written
+
+    def validate(self) -> tuple[str, str] | None:
+        import re
+
+        if self.key_env and self.key_file:
+            return "key_file", "give key_env or key_file, not both"
+        if self.key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.key_env):
+            return "key_env", "must be an environment variable name (the key itself never goes in the config)"
+        if self.key_file is not None and not self.key_file.is_file():
+            return "key_file", f"file not found: {self.key_file}"
+        if self.witness is not None:
+            scheme, sep, _ = self.witness.partition("://")
+            if not self.witness.strip():
+                return "witness", "must be a redis:// URL or a file path"
+            if sep and scheme not in ("redis", "rediss", "unix"):
+                return "witness", "must be a redis://, rediss:// or unix:// URL, or a file path"
+        if self.max_pending_bytes < 65_536:
+            return "max_pending_bytes", "must be at least 65536"
+        return None
+
+    def resolved(self, base_dir: Path) -> AuditConfig:
+        """A file witness given as a relative path is relative to the config file, like every other path."""
+        import dataclasses
+
+        if self.witness is None or "://" in self.witness:
+            return self
+        return dataclasses.replace(self, witness=str(base_dir / Path(self.witness).expanduser()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +299,8 @@ def resolve(config: GatewayConfig, source: Source) -> GatewayConfig:
             raise source.error(f"models.{name}.backend.type", f"unknown backend type {kind!r}") from None
         typed[name] = model.backend.build(cls.config_class)
         models[name] = model
-    return _with(config, models=models, backend_configs=typed, source=source)
+    audit = config.audit.resolved(source.base_dir) if config.audit is not None else None
+    return _with(config, models=models, backend_configs=typed, source=source, audit=audit)
 
 
 def _with(obj: Any, **changes: Any) -> Any:

@@ -68,6 +68,13 @@ class RequestTimeout(GatewayError):
     type = "request_timeout"
 
 
+class RequestHeaderFieldsTooLarge(GatewayError):
+    """431: the request line and headers exceed ``server.max_header_bytes`` (or one header aiohttp's field limit)."""
+
+    status = 431
+    type = "request_header_fields_too_large"
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     type = "unsupported_media_type"

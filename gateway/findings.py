@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import GatewayConfig
+from .redact import redact_text
 
 Severity = Literal["high", "medium", "low"]
 MIN_HS256_SECRET_BYTES = 32
@@ -25,7 +26,8 @@ class Finding:
     message: str
 
     def line(self) -> str:
-        return f"{self.severity.upper():6} {self.where}: {self.message}"
+        """The printed form; a URL quoted in a message (a store, a witness) never shows its credentials."""
+        return redact_text(f"{self.severity.upper():6} {self.where}: {self.message}")
 
 
 def is_loopback(host: str) -> bool:

@@ -170,8 +170,14 @@ class Metrics:
         # harden, audit
         self.hardened = Counter("maas_hardened_responses_total", "Answers rewritten by output hardening.",
                                 ["model", "rule"], registry=r)
-        self.audit_lines = Counter("maas_audit_lines_total", "Audit lines written.", registry=r)
-        self.audit_errors = Counter("maas_audit_errors_total", "Audit writes that failed.", registry=r)
+        self.audit_lines = Counter("maas_audit_lines_total", "Audit lines written to the file.", registry=r)
+        self.audit_errors = Counter("maas_audit_errors_total", "Audit flushes that failed (lines kept and retried).",
+                                    registry=r)
+        self.audit_dropped = Counter("maas_audit_dropped_lines_total",
+                                     "Audit lines dropped: the file was unwritable and the memory bound reached.",
+                                     registry=r)
+        self.audit_witness_errors = Counter("maas_audit_witness_errors_total",
+                                            "Audit witness reads or writes that failed.", registry=r)
         self.config_reloads = Counter("maas_reloads_total", "SIGHUP / watch reloads, by component and result.",
                                       ["component", "result"], registry=r)
 

@@ -87,7 +87,7 @@ class RequestContext:
     bytes_out: int = 0
     error_type: str | None = None
     llm_usage_tokens: int | None = None  # openai: usage.total_tokens reported by the upstream
-    llm_streamed_chars: int = 0  # openai streams without usage: characters of generated text relayed
+    llm_answered: bool = False  # openai: the upstream answered 2xx (no usage then: the whole reservation is charged)
     _cleanups: list[Callable[[RequestContext], Awaitable[None] | None]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # stage-private values, keyed by stage name
 

@@ -9,7 +9,7 @@ authority), so what is authorised is what is forwarded.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Mapping
+from typing import Collection, Mapping
 
 from .errors import MethodNotAllowed, NotFound
 from .pipeline import Route, RouteKind
@@ -18,16 +18,22 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _V2_PREFIX = "/v2/models/"
 _OPENAI_ROUTE = Route(RouteKind.OPENAI, "infer", None, json_body=True)
 _MODELS_LIST = Route(RouteKind.MODELS_LIST, "read", None, json_body=False)
+# Never routed anywhere: TRACE/TRACK would echo the request (and a backend's secret headers), CONNECT opens a tunnel.
+NEVER_ROUTED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+_RAW_DEFAULT_METHODS = frozenset({"POST"})
 
 
 class Router:
-    def __init__(self, protocols: Mapping[str, str], raw_paths: Mapping[str, list[str]]) -> None:
-        """``protocols``: model -> "v2" | "openai" | "raw"; ``raw_paths``: model -> its forwarded paths."""
+    def __init__(self, protocols: Mapping[str, str], raw_paths: Mapping[str, list[str]],
+                 raw_methods: Mapping[str, Collection[str]] | None = None) -> None:
+        """``protocols``: model -> "v2" | "openai" | "raw"; ``raw_paths``: model -> its forwarded paths;
+        ``raw_methods``: model -> the methods its paths take (default POST; any other is 405)."""
         self.protocols = dict(protocols)
         self._v2 = {m for m, p in protocols.items() if p == "v2"}
         self._openai = {m for m, p in protocols.items() if p == "openai"}
         self._raw_exact: dict[str, Route] = {}
         self._raw_globs: list[tuple[str, Route]] = []
+        self._raw_methods = {m: frozenset(v) - NEVER_ROUTED_METHODS for m, v in (raw_methods or {}).items()}
         for model, paths in raw_paths.items():
             route = Route(RouteKind.RAW, "infer", model, json_body=False)
             for path in paths:
@@ -43,6 +49,8 @@ class Router:
             self._routes[("GET", base + "/ready")] = Route(RouteKind.V2_READY, "read", model, json_body=False)
 
     def match(self, method: str, path: str) -> Route:
+        if method in NEVER_ROUTED_METHODS:
+            raise MethodNotAllowed(f"{method} is not allowed")
         route = self._routes.get((method, path))
         if route is not None:
             return route
@@ -61,6 +69,8 @@ class Router:
                     raw = candidate
                     break
         if raw is not None:
+            if method not in self._raw_methods.get(raw.model or "", _RAW_DEFAULT_METHODS):
+                raise MethodNotAllowed(f"{method} not allowed on {path}")
             return raw
         if path.startswith(_V2_PREFIX):
             rest = path[len(_V2_PREFIX):]

@@ -3,7 +3,8 @@
 SIGTERM/SIGINT stop accepting connections, let in-flight requests finish (up
 to ``server.shutdown_timeout_s``), flush the audit log and exit 0. SIGHUP
 reloads the policy and API keys. ``--workers N`` runs N processes that share
-the port through SO_REUSEPORT; the parent only supervises and relays signals.
+the port through SO_REUSEPORT; ``gateway.workers`` supervises them (relays
+signals, replaces a worker that dies).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import ssl
@@ -25,12 +25,15 @@ from aiohttp.web_protocol import RequestHandler
 
 from .app import Gateway, error_body
 from .config import GatewayConfig, TlsConfig, load_config
+from .connection_limits import ClientLimits, ConnectionCounter, GuardedRequestHandler, head_refusal
 
 log = logging.getLogger("maas.server")
 
 
-class _JsonErrorRequestHandler(RequestHandler):
+class _JsonErrorRequestHandler(GuardedRequestHandler):
     """aiohttp answers unparseable HTTP itself (bad framing, two Content-Lengths); keep our JSON shape there too."""
+
+    __slots__ = ()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -40,15 +43,23 @@ class _JsonErrorRequestHandler(RequestHandler):
         text = "malformed HTTP request" if kind == "invalid_request" else "internal error"
         if status == 413:
             kind, text = "payload_too_large", "request too large"
-        response = web.Response(status=status, body=error_body(kind, text, os.urandom(12).hex()),
-                                headers={"Content-Type": "application/json", "Connection": "close"})
+        refusal = head_refusal(exc)  # 408/431 from the connection limits, or aiohttp's own header limits
+        if refusal is not None:
+            status, kind, text = refusal.status, refusal.type, refusal.message
+        rid = os.urandom(12).hex()
+        headers = {"Content-Type": "application/json", "Connection": "close", "X-Request-ID": rid}
+        response = web.Response(status=status, body=error_body(kind, text, rid), headers=headers)
         response.force_close()
         return response
 
 
 class _Server(web.Server):
+    def __init__(self, handler: Any, *, counter: ConnectionCounter, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.counter = counter  # the listener's open connections, shared by all its handlers
+
     def __call__(self) -> RequestHandler:  # type: ignore[override]
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _JsonErrorRequestHandler(self, loop=self._loop, counter=self.counter, **self._kwargs)
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -97,6 +108,7 @@ class Running:
     runners: list[web.BaseRunner]
     port: int
     admin_port: int | None
+    connections: ConnectionCounter | None = None  # the main listener's open connections and refusals
 
     async def stop(self) -> None:
         """Graceful: stop listening, drain in-flight requests, then close backends and flush audit."""
@@ -113,7 +125,9 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     jwt = config.auth.jwt
     # headers up to 32 KiB reach us, so a too-long token is our 401 rather than the HTTP parser's 400
     max_field = max(32_768, (jwt.max_token_bytes if jwt else 0) * 2)
-    server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field)
+    counter = ConnectionCounter(ClientLimits.from_config(server_cfg))
+    server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field,
+                     keepalive_timeout=server_cfg.keepalive_timeout_s, counter=counter)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
     runners: list[web.BaseRunner] = []
     try:
@@ -138,7 +152,7 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
             await r.cleanup()
         await gateway.close()
         raise
-    return Running(gateway, runners, bound, bound_admin)
+    return Running(gateway, runners, bound, bound_admin, counter)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -178,52 +192,9 @@ def serve(config_path: str, *, workers: int | None = None) -> int:
     if count <= 1:
         asyncio.run(_serve(config, reuse_port=False))
         return 0
-    return _supervise(config_path, count)
+    from .workers import run_workers  # supervision (replacing dead workers) lives there
 
-
-def _worker_main(config_path: str, index: int) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{index} %(levelname)s %(name)s: %(message)s")
-    config = load_config(config_path)
-    if config.audit and config.audit.file:  # one hash chain per process: interleaved writers would break it
-        import dataclasses
-
-        audit = dataclasses.replace(config.audit, file=config.audit.file.with_name(f"{config.audit.file.name}.w{index}"))
-        config = dataclasses.replace(config, audit=audit)
-    install_uvloop()
-    asyncio.run(_serve(config, reuse_port=True))
-
-
-def _supervise(config_path: str, count: int) -> int:
-    import shutil
-    import tempfile
-
-    metrics_dir = tempfile.mkdtemp(prefix="maas-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
-    try:
-        return _run_workers(config_path, count)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def _run_workers(config_path: str, count: int) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(config_path, i), name=f"maas-worker-{i}") for i in range(count)]
-    for p in procs:
-        p.start()
-
-    def relay(signum: int, _frame: Any) -> None:
-        for p in procs:
-            if p.pid and p.is_alive():
-                os.kill(p.pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, relay)
-    status = 0
-    for p in procs:
-        p.join()
-        if p.exitcode not in (0, None):
-            status = 1
-    return status
+    return run_workers(config_path, count)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -222,7 +222,7 @@ async def test_audit_line_per_request_without_secrets(setup, keys: Keys, tmp_pat
     assert [line["status"] for line in lines[-2:]] == [200, 401]
     first = lines[-2]
     assert list(first) == ["ts", "request_id", "subject", "roles", "model", "action", "decision", "rule", "quota",
-                           "status", "latency_ms", "client", "bytes_in", "bytes_out", "prev"]
+                           "status", "latency_ms", "client", "bytes_in", "bytes_out", "seq", "prev"]
     assert first["subject"] == "alice" and first["decision"] == "allow" and first["model"] == "digits"
     assert token not in text and "1.0, 2.0" not in text
 

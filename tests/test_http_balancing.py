@@ -11,7 +11,7 @@ from aiohttp import web
 from harness import free_port, start_upstream
 from http_helpers import RawServer, make_backend, make_ctx, read_request_head
 
-from gateway.errors import BackendError, BackendTimeout, Unavailable
+from gateway.errors import BackendError, BackendTimeout
 from gateway.metrics import Metrics
 from gateway.pipeline import RouteKind
 
@@ -107,9 +107,9 @@ async def test_failed_trial_ejects_again() -> None:
         await live.stop()
 
 
-async def test_5xx_answers_count_towards_ejection() -> None:
+async def test_503_answers_count_towards_ejection() -> None:
     async def sick(request: web.Request) -> web.Response:
-        return web.Response(status=500, text="boom")
+        return web.Response(status=503, text="overloaded")
 
     bad, good = await start_upstream(sick), await start_upstream()
     backend = make_backend([bad.url, good.url], eject_after_failures=2, eject_for_s=30)
@@ -120,7 +120,7 @@ async def test_5xx_answers_count_towards_ejection() -> None:
         await backend.close()
         await bad.stop()
         await good.stop()
-    assert statuses.count(500) == 2 and len(bad.seen) == 2
+    assert statuses.count(503) == 2 and len(bad.seen) == 2
     assert not backend.upstreams[0].in_rotation
 
 
@@ -144,23 +144,22 @@ async def test_success_resets_the_failure_count() -> None:
     assert backend.upstreams[0].in_rotation
 
 
-async def test_all_ejected_is_503_until_the_ejection_runs_out() -> None:
+async def test_all_ejected_is_panic_routed_never_503() -> None:
     port = free_port()
-    backend = make_backend([f"http://127.0.0.1:{port}"], retries=0, eject_after_failures=1, eject_for_s=0.3)
+    backend = make_backend([f"http://127.0.0.1:{port}"], retries=0, eject_after_failures=1, eject_for_s=30,
+                           max_ejection_percent=100)
     await backend.start()
     revived = None
     try:
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
-        with pytest.raises(Unavailable) as info:
+        assert not backend.upstreams[0].in_rotation and not backend.ready()
+        with pytest.raises(BackendError):  # tried anyway (panic routing): still down, so 502, not 503
             await backend.handle(infer_ctx())
-        assert info.value.status == 503
-        assert not backend.ready()
         revived = await start_upstream(port=port)
-        await asyncio.sleep(0.35)
-        assert backend.ready()  # may be tried again: readiness must not lock it out for good
+        # long before eject_for_s runs out, the very next request reaches the recovered upstream
         assert (await backend.handle(infer_ctx())).status == 200
-        assert backend.upstreams[0].in_rotation
+        assert backend.upstreams[0].in_rotation and backend.ready()
     finally:
         await backend.close()
         if revived is not None:
@@ -256,18 +255,19 @@ async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
     async def handler(request: web.Request) -> web.Response:
         if request.path == "/health":
             return web.Response(status=200 if healthy else 503)
-        return web.Response(status=500)
+        return web.Response(status=503)
 
     up = await start_upstream(handler)
     backend = make_backend([up.url], eject_after_failures=1, eject_for_s=0.1, health_path="/health",
-                           headers={"Authorization": "Bearer upstream-secret"})
+                           headers={"Authorization": "Bearer upstream-secret"}, max_ejection_percent=100)
     await backend.start()
     try:
-        await backend.handle(infer_ctx())  # 500: ejected
+        await backend.handle(infer_ctx())  # 503: ejected
         assert not backend.upstreams[0].in_rotation
         assert not backend.ready()
-        with pytest.raises(Unavailable):  # with a health path, requests never trial an ejected upstream
-            await backend.handle(infer_ctx())
+        # every upstream out: panic routing still lets a request through (the upstream's own 503), never ours
+        assert (await backend.handle(infer_ctx())).status == 503
+        assert not backend.upstreams[0].in_rotation
         await wait_until(lambda: any(s.path == "/health" for s in up.seen))
         await asyncio.sleep(0.25)
         assert not backend.upstreams[0].in_rotation  # probes answered 503

@@ -91,12 +91,11 @@ async def test_openai_stream_asks_for_usage_and_reads_it() -> None:
     forwarded = orjson.loads(up.seen[-1].body)
     assert forwarded["stream_options"] == {"include_usage": True}
     assert forwarded["messages"] == [{"role": "user", "content": "hi"}]
-    assert relayed == body
-    assert ctx.llm_usage_tokens == 9
-    assert ctx.llm_streamed_chars == len("Hello, world")
+    assert relayed == body.replace(sse(USAGE), b"")  # asked for by the gateway, not the client: not passed on
+    assert ctx.llm_usage_tokens == 9 and ctx.llm_answered
 
 
-async def test_client_stream_options_are_kept() -> None:
+async def test_client_stream_options_are_kept_and_usage_always_asked() -> None:
     up = await start_upstream(sse_upstream([sse(chunk("x")), b"data: [DONE]\n\n"]))
     backend = make_backend([up.url], protocol="openai", name="chat")
     await backend.start()
@@ -109,7 +108,7 @@ async def test_client_stream_options_are_kept() -> None:
         await backend.close()
         await up.stop()
     sent = [orjson.loads(s.body)["stream_options"] for s in up.seen]
-    assert sent == [{"include_usage": False}, {"include_usage": True, "extra": 1},
+    assert sent == [{"include_usage": True}, {"include_usage": True, "extra": 1},
                     {"other": 2, "include_usage": True}]
 
 
@@ -125,7 +124,7 @@ async def test_completions_stream_counts_text() -> None:
     finally:
         await backend.close()
         await up.stop()
-    assert ctx.llm_streamed_chars == 5 and ctx.llm_usage_tokens is None
+    assert ctx.llm_answered and ctx.llm_usage_tokens is None  # no usage: charged its whole reservation
 
 
 async def test_garbage_in_the_stream_never_breaks_the_relay() -> None:
@@ -136,13 +135,13 @@ async def test_garbage_in_the_stream_never_breaks_the_relay() -> None:
     backend = make_backend([up.url], protocol="openai")
     await backend.start()
     try:
-        ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
+        ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": [],
+                                                     "stream_options": {"include_usage": True}})
         relayed = await read_all(await backend.handle(ctx))
     finally:
         await backend.close()
         await up.stop()
     assert relayed == b"".join(parts)
-    assert ctx.llm_streamed_chars == 2
     assert ctx.llm_usage_tokens == 3  # the last line had no newline: read at end of stream
 
 
@@ -164,7 +163,7 @@ async def test_event_stream_answer_to_a_raw_request_is_streamed() -> None:
         await up.stop()
     assert first + rest == b"".join(parts)
     assert first_at < sent_at[-1] - 0.1
-    assert ctx.llm_streamed_chars == 0  # raw streams are relayed, not scanned
+    assert ctx.llm_usage_tokens is None and not ctx.llm_answered  # raw streams are relayed, not scanned
 
 
 async def _relay_until_error(response) -> tuple[bytes, Exception | None]:
@@ -201,7 +200,7 @@ async def test_upstream_dying_mid_stream_cuts_the_relay() -> None:
     assert isinstance(error, BackendError) and "127.0.0.1" not in str(error)
     assert ctx.extra[STREAM_ERROR_KEY] == "upstream connection failed mid-stream"
     assert backend.upstreams[0].failures == 1  # counted for passive health
-    assert ctx.llm_streamed_chars == len("partial")
+    assert ctx.llm_answered and ctx.llm_usage_tokens is None  # charged its whole reservation
 
 
 async def test_a_stream_that_goes_silent_ends_after_the_timeout() -> None:

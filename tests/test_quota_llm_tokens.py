@@ -34,7 +34,8 @@ def test_hostile_values_never_lower_the_estimate_below_default():
 
 
 def test_actual_use_rules():
-    assert llm_tokens.actual(42, 1000, 5, 200) == 42  # upstream usage wins
-    assert llm_tokens.actual(None, 40, 5, 499) == 15  # abandoned stream: prompt + relayed text
-    assert llm_tokens.actual(None, 0, 5, 200) == 5  # answered, no usage, nothing measured
-    assert llm_tokens.actual(None, 0, 5, 502) == 0  # never reached the model
+    assert llm_tokens.actual(42, True, 500) == 42  # upstream usage wins, below the reservation
+    assert llm_tokens.actual(900, True, 500) == 900  # and above it
+    assert llm_tokens.actual(0, True, 500) == 0
+    assert llm_tokens.actual(None, True, 500) == 500  # answered, usage never arrived: the whole reservation
+    assert llm_tokens.actual(None, False, 500) == 0  # the upstream never answered 2xx

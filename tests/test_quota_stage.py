@@ -149,11 +149,15 @@ async def test_concurrency_limit_leaks_nothing_after_1000_aborted_requests(make_
             await finish(ctx)
 
     for round_ in range(5):
+        before = admitted + refused
         tasks = [asyncio.create_task(request(round_ * 200 + i)) for i in range(200)]
         if round_ % 2:
             await asyncio.sleep(0)  # some cancelled while their store call is in flight
         else:
-            await asyncio.sleep(0.05)
+            for _ in range(20):  # until the store has answered: a GC pause can outlast one 50 ms nap
+                await asyncio.sleep(0.05)
+                if admitted + refused > before:
+                    break
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -192,8 +196,13 @@ async def test_token_budget_charged_from_usage_and_enforced(make_stage):
     assert info.value.message == "token budget exceeded"
     small = context(model="chat", kind=RouteKind.OPENAI, body={**body, "max_tokens": 10})
     await stage(small)
-    small.status, small.llm_streamed_chars = 200, 40  # a stream without usage: prompt + 40/4
+    small.status, small.llm_answered = 200, True  # answered, but its usage never arrived: all 100 + 10 reserved
     await finish(small)
+    assert sample(stage.metrics, "maas_quota_llm_tokens_total", model="chat") == 650 + 110
+    failed = context(model="chat", kind=RouteKind.OPENAI, body={**body, "max_tokens": 10})
+    await stage(failed)
+    failed.status = 502  # the upstream never answered: nothing charged, the reservation comes back
+    await finish(failed)
     assert sample(stage.metrics, "maas_quota_llm_tokens_total", model="chat") == 650 + 110
 
 

@@ -221,6 +221,7 @@ async def test_a_lease_is_taken_from_redis_spent_locally_and_expires(redis_url):
     await s.start()
     try:
         limits = Limits(rate_per_s=0.5 * 100 / redis_store.LEASE_WINDOW_S, burst=1000)  # lease of 50
+        read_at = time.monotonic()
         first = await s.acquire("e:lease:m", limits, "", 0)
         assert first.allowed and first.remaining == 1000 - 50 + 49
         client = aioredis.from_url(redis_url)
@@ -231,7 +232,8 @@ async def test_a_lease_is_taken_from_redis_spent_locally_and_expires(redis_url):
         assert float((await client.get(s.keys("e:lease:m")[0])).split()[0]) == stored
         assert (await s.acquire("e:lease:m", limits, "", 0)).allowed  # spent: the next one takes a new lease
         stored2 = float((await client.get(s.keys("e:lease:m")[0])).split()[0])
-        assert stored2 < stored - 45
+        refilled = limits.rate_per_s * (time.monotonic() - read_at)  # the bucket refills meanwhile (slow machines)
+        assert stored2 <= stored - 50 + refilled + 1e-6
         await asyncio.sleep(redis_store.LEASE_WINDOW_S + 0.02)  # unspent tokens of an old lease are dropped
         assert (await s.acquire("e:lease:m", limits, "", 0)).allowed
         assert float((await client.get(s.keys("e:lease:m")[0])).split()[0]) != stored2

@@ -37,6 +37,11 @@ async def exercise(store: RedisStore) -> None:
                                           for i in range(40)))
         assert sum(v.allowed for v in results) == 10
         assert store.ready() is None
+        assert store.live_slots() == 10
+        # the slot refresher's call: one pipelined call, or on a Cluster one call per key to its node
+        await store.refresh_slots({store.keys(bucket_id("e", f"user{i}", "m"))[1]: [f"s{i}", f"s{i + 5}"]
+                                   for i in range(5)})
+        assert store.ready() is None
         await store.release(bucket_id("e", "user0", "m"), LIMITS, "s0", 10)
     finally:
         await store.close()

@@ -9,8 +9,15 @@ either read the answer whole or hand back a relay that streams it.
 Timeouts follow nginx's ``proxy_read_timeout``: ``timeout_s`` is the longest
 the upstream may stay silent, before its response headers or between two body
 chunks, so a long token stream that keeps producing is never cut while a stuck
-upstream is (504). Retries happen only when the request cannot have reached the
-upstream (the connection was never established), or for GET/HEAD.
+upstream is (504). A body read whole must also be complete within ``timeout_s``
+of its headers (504) and no larger than ``max_response_bytes`` (502); a stream
+is ended after ``max_stream_s``. Retries happen only when the request cannot
+have reached the upstream (the connection was never established), or for
+GET/HEAD.
+
+What counts against an upstream's health is only what ``eject_on`` names: a
+500 a caller's input provoked says nothing about the server, a refused
+connection does. Everything else the upstream answered counts as alive.
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from backends.base import Backend, BackendEnv
-from gateway.errors import BackendError, BackendTimeout, InvalidRequest, Unavailable
+from gateway.errors import BackendError, BackendTimeout, InvalidRequest, MethodNotAllowed, Unavailable
 from gateway.pipeline import BackendResponse
 
 from .client import (ConnectFailed, ConnectTimeout, InvalidRequestLine, InvalidResponse, Pool, ReadTimeout,
-                     Response, UpstreamError)
-from .config import HttpBackendConfig
+                     Response, ResponseTooLarge, UpstreamError)
+from .config import NEVER_FORWARDED_METHODS, HttpBackendConfig, eject_condition, raw_methods
 from .headers import RequestHeaders, response_headers
 from .protocols import Protocol, answer_usage
 from .relay import StreamRelay
@@ -39,6 +46,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 CONNECT_FAILED = "upstream connection failed"
 INVALID_ANSWER = "upstream sent an invalid response"
 TIMED_OUT = "upstream timed out"
+TOO_LARGE = "upstream answer too large"
+_OUTCOME_OF = {"connect": "error", "timeout": "timeout"}  # eject_on word -> the failure outcome it names
 
 
 class _Failure(Exception):
@@ -68,8 +77,16 @@ class HttpBackend(Backend):
             eject_after_failures=config.eject_after_failures,
             eject_for_s=config.eject_for_s,
             health_path=config.health_path,
+            max_ejection_percent=config.max_ejection_percent,
             metrics=env.metrics,
         )
+        conditions = {eject_condition(item) for item in config.eject_on}
+        self._eject_outcomes = frozenset(_OUTCOME_OF[c] for c in conditions if c in _OUTCOME_OF)
+        self._eject_statuses = frozenset(int(c) for c in conditions if c is not None and c.isdigit())
+        self._max_response = config.max_response_bytes
+        self._max_stream_s = config.max_stream_s
+        # raw: only the configured methods; openai/v2: their routes fix the method, only the never-forwarded are refused
+        self._methods = raw_methods(config) if config.protocol == "raw" else None
         self._retries = config.retries
         self._seconds: Any = (env.metrics.histogram_tally(env.metrics.upstream_seconds.labels(name))
                               if env.metrics is not None else NO_METRIC)
@@ -82,6 +99,9 @@ class HttpBackend(Backend):
 
     def raw_paths(self) -> list[str]:
         return list(self.config.paths) if self.config.protocol == "raw" else []
+
+    def raw_methods(self) -> list[str]:
+        return sorted(self._methods) if self._methods is not None else []
 
     def ready(self) -> bool:
         return self._client is not None and self._pool.ready()
@@ -124,9 +144,12 @@ class HttpBackend(Backend):
         client = self._client
         if client is None:
             raise Unavailable("backend not started")
-        out = self._protocol.outgoing(ctx)
         request = ctx.request
         method = request.method
+        methods = self._methods
+        if (methods is not None and method not in methods) or method in NEVER_FORWARDED_METHODS:
+            raise MethodNotAllowed(f"{method} is not forwarded to this model")
+        out = self._protocol.outgoing(ctx)
         identity = ctx.identity
         subject: str | None = None
         roles: tuple[str, ...] = ()
@@ -148,7 +171,7 @@ class HttpBackend(Backend):
                 break
             except _Failure as failure:
                 up.outcome[failure.outcome].inc()
-                pool.failed(up)
+                self._verdict(up, failure.outcome)
                 tried.append(up)
                 if failure.retryable and len(tried) <= self._retries:
                     try:
@@ -195,24 +218,31 @@ class HttpBackend(Backend):
     ) -> BackendResponse:
         status = resp.status
         pool = self._pool
+        if usage and 200 <= status < 300:
+            ctx.llm_answered = True  # the model ran: charged its reported usage, or else its whole reservation
         content_type = resp.header("Content-Type") or "application/octet-stream"
         headers = response_headers(resp.headers)
         if content_type.startswith("text/event-stream") or (stream and not content_type.startswith("application/json")):
             # Scored on the headers: a stream may run for minutes. (A JSON error answer to a
             # stream request is read whole, so the client gets it with a Content-Length.)
             self._score(up, status)
-            relay = StreamRelay(resp, ctx, scan_usage=usage, on_failure=lambda: pool.failed(up))
+            resp.expire_after(self._max_stream_s)
+            relay = StreamRelay(resp, ctx, scan_usage=usage, on_failure=lambda: self._stream_broke(up, resp))
             ctx.on_finish(lambda _ctx: relay.release())
             return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release)
         try:
-            body = await resp.read()
+            body = await resp.read(max_bytes=self._max_response, total_s=self._timeout_s)
         except ReadTimeout:
             up.outcome["timeout"].inc()
-            pool.failed(up)
+            self._verdict(up, "timeout")
             raise BackendTimeout(TIMED_OUT) from None
+        except ResponseTooLarge:  # our limit, not the upstream's health
+            up.outcome["error"].inc()
+            pool.abandoned(up)
+            raise BackendError(TOO_LARGE) from None
         except UpstreamError:
             up.outcome["error"].inc()
-            pool.failed(up)
+            self._verdict(up, "error")
             raise BackendError(INVALID_ANSWER) from None
         except BaseException:
             pool.abandoned(up)
@@ -227,9 +257,22 @@ class HttpBackend(Backend):
         return BackendResponse(status, headers, body=body, content_type=content_type)
 
     def _score(self, up: Upstream, status: int) -> None:
+        """An answer came: it counts against the upstream only if ``eject_on`` names its status."""
         if status >= 500:
             up.outcome["5xx"].inc()
-            self._pool.failed(up)
         else:
             up.outcome["ok"].inc()
+        if status in self._eject_statuses:
+            self._pool.failed(up)
+        else:
             self._pool.succeeded(up)
+
+    def _verdict(self, up: Upstream, outcome: str) -> None:
+        """A failure before or while reading the answer ("error" / "timeout"): counted if ``eject_on`` says so."""
+        if outcome in self._eject_outcomes:
+            self._pool.failed(up)
+        else:
+            self._pool.abandoned(up)
+
+    def _stream_broke(self, up: Upstream, resp: Response) -> None:
+        self._verdict(up, "timeout" if isinstance(resp.error, ReadTimeout) else "error")

@@ -5,6 +5,9 @@ client's credentials stay here (the upstream trusts the gateway, not the
 client's token), hop-by-hop headers belong to one connection only, and every
 ``X-Maas-*`` / ``X-Forwarded-*`` header the client sent is a forgery until
 proven otherwise, so it is dropped and the gateway's own value is added.
+Headers that make servers (or the frameworks in front of them) see another
+path, method or client are dropped too: the gateway authorised this path, this
+method, from this address, and the upstream must act on exactly that.
 The drop set is computed once per backend; per request we only walk the
 headers the client actually sent.
 """
@@ -27,6 +30,15 @@ REQUEST_DROP = HOP_BY_HOP | frozenset({
     "authorization", "proxy-authorization", "x-api-key", "host", "content-length", "expect", "accept-encoding",
     "forwarded", "x-request-id",
 })
+# Another path (IIS/Symfony/Laminas rewrites), another method (method-override middlewares), another client
+# (IP allow-lists and rate limits behind the gateway). X-Forwarded-Host/-Port go with the x-forwarded- prefix.
+OVERRIDE_HEADERS = frozenset({
+    "x-original-url", "x-rewrite-url",
+    "x-http-method", "x-http-method-override", "x-method-override",
+    "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip", "x-cluster-client-ip",
+    "forwarded", "x-forwarded-host", "x-forwarded-port",
+})
+REQUEST_DROP = REQUEST_DROP | OVERRIDE_HEADERS
 REQUEST_DROP_PREFIXES = ("x-maas-", "x-forwarded-")
 
 # Content-Type travels in BackendResponse.content_type; the server sets its own

@@ -4,8 +4,10 @@ The gateway has already normalised the path and matched the route, so the
 upstream gets that one normalised path (never a URL rebuilt from ``Host``).
 Two rewrites exist: ``model_name`` (the upstream knows the model by another
 name: the v2 path segment or the openai body's ``model``), and, for an openai
-stream, asking the upstream to report token usage in its last chunk so the
-quota stage can charge real tokens.
+stream, asking the upstream to report token usage (``stream_options.include_usage:
+true``) so the quota stage can charge real tokens. That is asked even of a client
+that said ``false``: its usage chunk is then hidden from it (see ``relay``), and
+the budget cannot be dodged by turning usage off.
 """
 
 from __future__ import annotations
@@ -71,26 +73,39 @@ class Protocol:
         changes: dict[str, Any] = {}
         if self._model_name is not None and doc.get("model") != self._model_name:
             changes["model"] = self._model_name
-        if stream and ctx.path in STREAMING_OPENAI_PATHS:
+        if stream and ctx.path in STREAMING_OPENAI_PATHS and not client_asked_usage(doc):
             options = doc.get("stream_options")
-            if options is None:
-                changes["stream_options"] = {"include_usage": True}
-            elif isinstance(options, dict) and "include_usage" not in options:
-                changes["stream_options"] = {**options, "include_usage": True}
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         if changes:
             body = orjson.dumps({**doc, **changes})
         return body, stream
 
 
+def client_asked_usage(doc: Any) -> bool:
+    """Whether an openai request itself asked for stream usage (``stream_options.include_usage: true``).
+
+    When it did not, the gateway asks for it anyway and the relay hides it."""
+    if not isinstance(doc, dict):
+        return False
+    options = doc.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def total_tokens(doc: Any) -> int | None:
-    """``usage.total_tokens`` of a decoded openai answer (or stream chunk), if it carries one."""
+    """``usage.total_tokens`` of a decoded openai answer (or stream chunk), if it carries one
+    (else prompt + completion tokens, for an upstream that leaves the total out)."""
     if not isinstance(doc, dict):
         return None
     usage = doc.get("usage")
     if not isinstance(usage, dict):
         return None
     total = usage.get("total_tokens")
-    return total if type(total) is int and total >= 0 else None
+    if type(total) is int and total >= 0:
+        return total
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+        return prompt + completion
+    return None
 
 
 def answer_usage(body: bytes) -> int | None:

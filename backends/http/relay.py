@@ -2,10 +2,16 @@
 
 Token streams (SSE) must reach the client as they are generated, so nothing
 here waits for more than the bytes the socket already has. For openai streams
-the relay also reads the ``data:`` lines it passes along, cheaply and without
-ever holding up or breaking the stream, to learn the token usage the upstream
-reports in its final chunk (and, failing that, how much text was generated) so
-quotas can charge what was really used.
+the relay also reads the token usage the upstream reports (the gateway always
+asks for it, see ``protocols``) so quotas charge what was really used: only
+lines that carry ``"usage"`` are parsed, so the cost per chunk is a byte search.
+
+A client that did not ask for usage itself (``stream_options.include_usage``
+absent or false) must get the stream it asked for: its relay passes on whole
+lines only (a partial line waits for its newline, which an SSE client waits for
+anyway), drops the usage-only chunk (usage and no ``choices``) with its blank
+line, and removes the ``usage`` key from any other chunk (OpenAI's
+``"usage": null``, vLLM's continuous usage). Every other byte passes unchanged.
 """
 
 from __future__ import annotations
@@ -16,15 +22,15 @@ import orjson
 
 from gateway.errors import BackendError
 
-from .client import UpstreamError
-from .protocols import total_tokens
+from .client import StreamExpired, UpstreamError
+from .protocols import client_asked_usage, total_tokens
 
 if TYPE_CHECKING:
     from gateway.pipeline import RequestContext
 
     from .client import Response
 
-MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is dropped from usage scanning, never from the relay
+MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is relayed as it comes, never held back nor scanned
 STREAM_ERROR_KEY = "http.stream_error"  # set in ctx.extra when the upstream broke off mid-stream
 STREAM_BROKEN = "upstream connection failed mid-stream"
 
@@ -37,7 +43,8 @@ class StreamRelay:
     connection (a clean end would pass a truncated answer off as complete).
     """
 
-    __slots__ = ("_resp", "_ctx", "_scan_usage", "_on_failure", "_tail", "_done", "_released")
+    __slots__ = ("_resp", "_ctx", "_scan_usage", "_hide_usage", "_drop_blank", "_on_failure", "_tail", "_done",
+                 "_released")
 
     def __init__(
         self,
@@ -50,6 +57,9 @@ class StreamRelay:
         self._resp = resp
         self._ctx = ctx
         self._scan_usage = scan_usage
+        # The gateway asked the upstream for usage; a client that did not ask must not get it.
+        self._hide_usage = scan_usage and not client_asked_usage(ctx.json)
+        self._drop_blank = False  # a hidden chunk's terminating blank line is still to come
         self._on_failure = on_failure
         self._tail = b""
         self._done = False
@@ -63,17 +73,27 @@ class StreamRelay:
             raise StopAsyncIteration
         try:
             chunk = await self._resp.readany()
+        except StreamExpired:  # max_stream_s: our limit, so a clean end for the client (the connection is dropped)
+            self._finish(failed=False)  # a held-back partial line is dropped: cut by our deadline, it is no event
+            raise StopAsyncIteration from None
         except UpstreamError:
             self._finish(failed=True)
             raise BackendError(STREAM_BROKEN) from None
         if not chunk:
-            self._finish(failed=False)
+            rest = self._finish(failed=False)
+            if rest:
+                return rest  # a last line without newline, held back; the next call ends the iteration
             raise StopAsyncIteration
         if self._scan_usage:
+            hiding = self._hide_usage
+            data = self._tail + chunk if self._tail else chunk
             try:
-                self._scan(chunk)
+                out = self._scan(data)
             except Exception:  # noqa: BLE001 - a scanning bug must never break the relay
-                self._scan_usage = False
+                self._scan_usage = self._hide_usage = False
+                self._tail = b""
+                return data if hiding else chunk
+            return out if hiding else chunk  # not hiding: the bytes pass as they came
         return chunk
 
     def release(self) -> None:
@@ -83,54 +103,84 @@ class StreamRelay:
             self._released = True
             self._resp.release()
 
-    def _finish(self, *, failed: bool) -> None:
-        if self._scan_usage and self._tail:
+    def _finish(self, *, failed: bool) -> bytes:
+        """Stop relaying; return what is still to be sent (a held-back last line without newline)."""
+        rest, self._tail = self._tail, b""
+        if rest and self._scan_usage:
             try:
-                self._line(self._tail)
+                rest = self._scan(rest + b"\n")[:-1]  # the last line, read as if its newline had come
             except Exception:  # noqa: BLE001
                 pass
-        self._tail = b""
+            if not self._hide_usage:
+                rest = b""  # already relayed as it came
         if failed:
             self._ctx.extra[STREAM_ERROR_KEY] = STREAM_BROKEN
             self._on_failure()
         self.release()
+        return rest
 
-    def _scan(self, chunk: bytes) -> None:
-        data = self._tail + chunk if self._tail else chunk
-        if b"\n" not in data:
-            self._tail = data if len(data) <= MAX_SSE_LINE else b""
-            return
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        self._tail = tail if len(tail) <= MAX_SSE_LINE else b""
-        for line in lines:
-            if line.startswith(b"data:"):
-                self._line(line)
+    def _scan(self, data: bytes) -> bytes:
+        """Read the usage in the complete lines of ``data``, keep the rest for the next chunk.
 
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return
+        Returns the bytes to relay when hiding usage: the complete lines, less
+        what the client did not ask for (unused otherwise)."""
+        cut = data.rfind(b"\n") + 1
+        lines, tail = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
+        overlong = b""
+        if len(tail) > MAX_SSE_LINE:  # too long to hold back: relayed as it comes, never read
+            overlong, tail = tail, b""
+        self._tail = tail
+        if self._drop_blank and lines:
+            self._drop_blank = False
+            if lines.startswith(b"\n"):
+                lines = lines[1:]
+            elif lines.startswith(b"\r\n"):
+                lines = lines[2:]
+        if b'"usage"' in lines:  # a key in a JSON object: text inside strings has its quotes escaped
+            lines = self._usage_lines(lines)
+        return lines + overlong if overlong else lines
+
+    def _usage_lines(self, lines: bytes) -> bytes:
+        out: list[bytes] = []
+        for line in lines.split(b"\n")[:-1]:
+            if self._drop_blank:
+                self._drop_blank = False
+                if line == b"" or line == b"\r":
+                    continue
+            if b'"usage"' in line and line.startswith(b"data:"):
+                kept = self._usage(line)
+                if kept is None:
+                    self._drop_blank = True
+                    continue
+                line = kept
+            out.append(line)
+        return b"\n".join(out) + b"\n" if out else b""
+
+    def _usage(self, line: bytes) -> bytes | None:
+        """Record the usage a ``data:`` line reports; the line to relay (None: drop it)."""
+        if b'"usage":null' in line and line.count(b'"usage"') == 1:
+            # OpenAI's "usage": null on every chunk once usage is asked for: nothing to read, and
+            # (quotes inside JSON strings being escaped) a key that can be cut out without parsing.
+            if not self._hide_usage:
+                return line
+            for key in (b',"usage":null', b'"usage":null,'):
+                if key in line:
+                    return line.replace(key, b"", 1)
         payload = line[5:].strip()
         if not payload.startswith(b"{"):
-            return  # "[DONE]" and anything that is not a JSON object
+            return line
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return
-        if not isinstance(doc, dict):
-            return
+            return line
+        if not isinstance(doc, dict) or "usage" not in doc:
+            return line
         total = total_tokens(doc)
         if total is not None:
             self._ctx.llm_usage_tokens = total
-        choices = doc.get("choices")
-        if isinstance(choices, list):
-            generated = 0
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if isinstance(text, str):
-                    generated += len(text)
-            if generated:
-                self._ctx.llm_streamed_chars += generated
+        if not self._hide_usage:
+            return line
+        usage = doc.pop("usage")
+        if usage is not None and not doc.get("choices"):
+            return None  # the usage-only chunk, asked for on the client's behalf
+        return b"data: " + orjson.dumps(doc) + (b"\r" if line.endswith(b"\r") else b"")

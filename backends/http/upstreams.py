@@ -1,12 +1,21 @@
 """The upstreams of one model: round-robin balancing with passive health checks.
 
 Passive, because the traffic already tells us: ``eject_after_failures``
-consecutive failures (connection errors, timeouts, 5xx answers) take an
-upstream out of rotation for ``eject_for_s``. It comes back either through an
-active probe (``GET health_path`` answered 2xx) or, without a health path, by
-letting exactly one real request try it once the ejection has run out: success
-readmits it, failure ejects it again. Everything here runs on the event loop
-thread, so plain attributes need no locks.
+consecutive failures of the kinds the backend's ``eject_on`` names (connect
+errors, timeouts, 502/503/504 by default; the backend decides what is a
+failure, this module only counts) take an upstream out of rotation for
+``eject_for_s``. It comes back either through an active probe (``GET
+health_path`` answered 2xx) or, without a health path, by letting exactly one
+real request try it once the ejection has run out: success readmits it,
+failure ejects it again.
+
+Two guards, both Envoy's, keep ejection from turning one bad upstream (or a
+burst of bad requests) into an outage: at most ``max_ejection_percent`` of the
+upstreams are out at once (rounded down: with one upstream and 50 %, none),
+and when every upstream is out anyway the pool routes to all of them (panic
+routing) instead of answering 503, so a recovered upstream answers the very
+next request. Everything here runs on the event loop thread, so plain
+attributes need no locks.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
 
 OUTCOMES = ("ok", "error", "timeout", "5xx")
 PROBE_TIMEOUT_S = 5.0  # an active health probe that takes longer counts as failed
+PROBE_MAX_BYTES = 1_048_576  # a health probe's body is read (to keep the connection) but never held past this
 
 
 class _NoMetric:
@@ -47,8 +57,8 @@ NO_METRIC = _NoMetric()
 class Upstream:
     """One upstream server and its health. ``base`` is its URL without a trailing slash."""
 
-    __slots__ = ("base", "origin", "label", "failures", "in_rotation", "ejected_until", "trial", "outcome", "healthy_gauge",
-                 "ejections")
+    __slots__ = ("base", "origin", "label", "failures", "in_rotation", "ejected_until", "trial", "outcome",
+                 "healthy_gauge", "ejections")
 
     def __init__(self, url: str, model: str, metrics: Metrics | None) -> None:
         self.base = url.rstrip("/")
@@ -83,11 +93,13 @@ class UpstreamPool:
         eject_after_failures: int,
         eject_for_s: float,
         health_path: str | None,
+        max_ejection_percent: float = 50.0,
         metrics: Metrics | None = None,
     ) -> None:
         self.upstreams = [Upstream(u, model, metrics) for u in urls]
         self._eject_after = eject_after_failures
         self._eject_for = eject_for_s
+        self._max_ejected = int(len(self.upstreams) * max_ejection_percent // 100)  # floor, like Envoy
         self._health_path = health_path
         self._next = 0
         self._ejected = 0  # how many are out of rotation; the fast path skips all checks at 0
@@ -113,9 +125,14 @@ class UpstreamPool:
     # -- choosing ----------------------------------------------------------
 
     def pick(self, exclude: Collection[Upstream] = ()) -> Upstream:
-        """The next upstream to try, skipping ``exclude``; ``Unavailable`` (503) when none may be tried."""
+        """The next upstream to try, skipping ``exclude``; ``Unavailable`` (503) when none may be tried.
+
+        When every upstream is out of rotation, any of them may be (panic
+        routing): a guess at a possibly recovered upstream beats a certain 503.
+        """
         ups = self.upstreams
-        if self._ejected and self._health_path is None:
+        ejected = self._ejected
+        if ejected and self._health_path is None:
             now = time.monotonic()
             for up in ups:
                 if not up.in_rotation and not up.trial and now >= up.ejected_until and up not in exclude:
@@ -123,15 +140,19 @@ class UpstreamPool:
                     return up
         n = len(ups)
         start = self._next
+        panic = ejected >= n
         for i in range(n):
             up = ups[(start + i) % n]
-            if up.in_rotation and up not in exclude:
+            if (panic or up.in_rotation) and up not in exclude:
                 self._next = (start + i + 1) % n
                 return up
         raise Unavailable("no healthy upstream")
 
     def ready(self) -> bool:
-        """True while some upstream is in rotation or may be tried (its ejection ran out)."""
+        """True while some upstream is in rotation or may be tried (its ejection ran out).
+
+        False means degraded, not refusing: requests are then panic-routed to every upstream.
+        """
         if not self._ejected:
             return True
         now = time.monotonic()
@@ -148,11 +169,12 @@ class UpstreamPool:
             self._readmit(up)
 
     def failed(self, up: Upstream) -> None:
+        """A failure of a kind ``eject_on`` names: counts towards ejection, within ``max_ejection_percent``."""
         up.failures += 1
         if up.trial:
             up.trial = False
             up.ejected_until = time.monotonic() + self._eject_for
-        elif up.in_rotation and up.failures >= self._eject_after:
+        elif up.in_rotation and up.failures >= self._eject_after and self._ejected < self._max_ejected:
             self._eject(up)
 
     def abandoned(self, up: Upstream) -> None:
@@ -172,6 +194,8 @@ class UpstreamPool:
             task.add_done_callback(lambda _t, up=up: self._probes.pop(up, None))
 
     def _readmit(self, up: Upstream) -> None:
+        if up.in_rotation:  # a panic-routed request and a probe can both see it recover
+            return
         up.in_rotation = True
         up.trial = False
         up.failures = 0
@@ -199,7 +223,7 @@ class UpstreamPool:
                 resp = await self._client.request(up.origin, "GET", self._health_path, self._probe_headers, None,
                                                   PROBE_TIMEOUT_S)
                 try:
-                    await resp.read()
+                    await resp.read(max_bytes=PROBE_MAX_BYTES)
                 finally:
                     resp.release()
                 return 200 <= resp.status < 300

@@ -1,7 +1,8 @@
 """Quotas: token buckets per (quota entry, subject, model), in Redis (global across replicas) or memory.
 
 ``store`` holds the contract and ``open_store``; ``matching`` picks the most
-specific entry; ``concurrency`` holds and releases in-flight slots;
+specific entry; ``concurrency`` holds and releases in-flight slots, and
+``live_slots`` keeps the Redis slots of running requests from expiring;
 ``llm_tokens`` estimates and reconciles LLM token budgets. The stage that uses
 them is ``gateway.stages.quota``.
 """

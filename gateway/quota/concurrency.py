@@ -11,7 +11,9 @@ task cancelled mid-release (a client that goes away) still frees its slot.
 Slot ids are minted here, never taken from the client: a client that sent the
 same ``X-Request-ID`` twice must not share one slot between two requests. In
 Redis a slot is a sorted-set member scored with its expiry (``SLOT_TTL_S``),
-so the slots of a replica that crashed before releasing free themselves.
+so the slots of a replica that crashed before releasing free themselves; the
+store refreshes the slots of live requests (``live_slots``), so a request
+keeps its slot for as long as it runs, however long that is.
 """
 
 from __future__ import annotations
@@ -45,23 +47,27 @@ def new_slot_id() -> str:
 class Hold:
     """One admitted request's slot and token reservation."""
 
-    __slots__ = ("store", "bucket", "limits", "slot", "reserved", "prompt_estimate", "model",
-                 "_done", "_on_error", "_on_tokens")
+    __slots__ = ("store", "bucket", "limits", "slot", "reserved", "model", "_done", "_on_error", "_on_tokens")
 
     def __init__(self, store: QuotaStore, bucket: str, limits: Limits, slot: str, *, reserved: int = 0,
-                 prompt_estimate: int = 0, model: str = "",
-                 on_error: Callable[[StoreError], None] | None = None,
+                 model: str = "", on_error: Callable[[StoreError], None] | None = None,
                  on_tokens: Callable[[str, int], None] | None = None) -> None:
         self.store, self.bucket, self.limits, self.slot = store, bucket, limits, slot
-        self.reserved, self.prompt_estimate, self.model = reserved, prompt_estimate, model
+        self.reserved, self.model = reserved, model
         self._done = False
         self._on_error, self._on_tokens = on_error, on_tokens
 
     def refund_for(self, ctx: RequestContext) -> int:
-        """Reserved minus used (negative: charge the overshoot). Zero without a token budget."""
+        """Reserved minus used (negative: charge the overshoot). Zero without a token budget.
+
+        Used is the upstream's reported usage, else the whole reservation if the
+        upstream answered 2xx (``llm_tokens.actual``). A 2xx final status counts
+        as answered too, so a backend that does not set ``llm_answered`` never
+        makes answers free."""
         if not self.limits.tokens_per_minute:
             return 0
-        used = llm_tokens.actual(ctx.llm_usage_tokens, ctx.llm_streamed_chars, self.prompt_estimate, ctx.status)
+        answered = ctx.llm_answered or 200 <= ctx.status < 300
+        used = llm_tokens.actual(ctx.llm_usage_tokens, answered, self.reserved)
         if self._on_tokens is not None:
             self._on_tokens(self.model, used)
         return self.reserved - used
@@ -81,7 +87,8 @@ class Hold:
         try:
             await self.store.release(self.bucket, self.limits, self.slot, refund)
         except StoreError as exc:
-            # The store frees the slot once it answers again (or after SLOT_TTL_S at worst);
+            # The store frees the slot once it answers again (or after SLOT_TTL_S at worst:
+            # it is no longer refreshed);
             # the refund is lost: the subject stays charged the estimate.
             log.warning("quota release failed for %s: %s", self.bucket, exc)
             if self._on_error is not None:

@@ -22,13 +22,14 @@ with GPT-style tokenisers; it is only a reservation, corrected on reconcile.
 Actual use (charged when the request ends), first that applies:
 
 1. ``usage.total_tokens`` reported by the upstream (a non-streamed answer, or
-   the final chunk of a stream; the HTTP backend asks for it with
-   ``stream_options.include_usage``);
-2. for a stream without usage: the prompt estimate + ceil(characters of
-   generated text relayed to the client / 4) — so a stream the client
-   abandons is still charged for what was sent;
-3. a 2xx answer with neither: the prompt estimate;
-4. an answer that never reached the model (an error and nothing relayed): 0.
+   the usage chunk of a stream: the HTTP backend always asks for it with
+   ``stream_options.include_usage``, whatever the client said);
+2. the upstream answered 2xx but its usage never arrived (an upstream that
+   does not report it, a stream the client abandoned or that broke off): the
+   whole reservation. Nothing the client controls can make this less: counting
+   relayed text instead let a client that turned usage off and got an answer
+   made of tool calls (no text) pay for its prompt alone;
+3. the upstream never answered 2xx (an error before the model ran): 0.
 """
 
 from __future__ import annotations
@@ -105,12 +106,8 @@ def estimate(body: Any, path: str, default: int, cap: int | None = None) -> tupl
     return prompt, prompt + completion
 
 
-def actual(usage_tokens: int | None, streamed_chars: int, prompt_estimate: int, status: int) -> int:
+def actual(usage_tokens: int | None, answered: bool, reserved: int) -> int:
     """What the request used, by the rules in this module's docstring."""
     if usage_tokens is not None and usage_tokens >= 0:
         return int(usage_tokens)
-    if streamed_chars > 0:
-        return prompt_estimate + math.ceil(streamed_chars / 4)
-    if 200 <= status < 300:
-        return prompt_estimate
-    return 0
+    return reserved if answered else 0

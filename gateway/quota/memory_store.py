@@ -6,6 +6,12 @@ instead of Redis ``TIME``. Memory is bounded: past ``MAX_BUCKETS`` the least
 recently used bucket is dropped. The one idle longest has almost always
 refilled to full, and a full bucket is indistinguishable from no bucket;
 otherwise dropping it hands its subject a full bucket early (never fewer tokens).
+
+In-flight slots carry no expiry here: they live and die with this process, and
+every request gives its slot back on every exit path (``concurrency.Hold``), so
+a slot is held for the whole life of its request, however long it streams. The
+Redis store needs a TTL (refreshed while the request lives) only because a
+replica can die holding slots that other replicas count.
 """
 
 from __future__ import annotations

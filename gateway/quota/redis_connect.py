@@ -26,6 +26,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigError
+from ..redact import redact_url
 
 if TYPE_CHECKING:
     from ..config import QuotaConfig
@@ -99,11 +100,5 @@ def _without_password(url: str) -> str:
     return parts._replace(netloc=f"{user}@{hosts}" if user else hosts).geturl()
 
 
-def redact(url: str) -> str:
-    """The store URL without its password, for logs and /readyz."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{hosts}" if user else f"***@{hosts}").geturl()
+# The store URL without any credential form (user-info, ?password=, ?username=...), for logs and /readyz.
+redact = redact_url

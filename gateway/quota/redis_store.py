@@ -7,8 +7,13 @@ ends. Requests arriving together share one ``EVALSHA`` (see ``RedisStore``),
 and a busy rate-only bucket lends each replica a small allowance so most of
 its requests need no round trip at all (see ``lease_size`` for the bound).
 The scripts ship as package files, are loaded with ``SCRIPT LOAD`` and called
-by SHA; after a Redis restart or ``SCRIPT FLUSH`` the ``NOSCRIPT`` reply makes
-us load them again and retry.
+by SHA (``redis_scripts``); after a Redis restart or ``SCRIPT FLUSH`` the
+``NOSCRIPT`` reply makes us load them again and retry.
+
+A slot expires ``slot_ttl_s`` after it was last written, so a crashed
+replica's slots free themselves; the slots of requests still running are
+pushed forward every TTL/3 by one ``LiveSlots`` task (``refresh.lua``), so a
+stream of any length keeps its slot.
 
 A hung Redis must never hang a request (the failure that stalls other
 gateways when Redis is SIGSTOPped or behind a dead network path): every call
@@ -27,10 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import importlib.resources
+import functools
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,7 +42,11 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from ..redact import redact_text
+from .live_slots import LiveSlots, Snapshot
 from .redis_connect import connect, redact
+from .redis_lease import LEASE_WINDOW_S, Leases, lease_size  # noqa: F401 - LEASE_WINDOW_S, lease_size: re-exported
+from .redis_scripts import ACQUIRE, RELEASE, SCRIPTS, Requests, Script, command_args, integers, refresh_commands
 from .store import SLOT_TTL_S, Limits, StoreError, Verdict
 
 if TYPE_CHECKING:
@@ -52,52 +59,8 @@ BACKOFF_S = 0.2  # after 2+ failures in a row, fail fast this long before trying
 HEALTH_INTERVAL_S = 1.0  # background PING period (readiness, maas_quota_store_up, slot repairs)
 MAX_REPAIRS = 100_000  # slot releases owed to Redis while it is unreachable
 MAX_BATCH = 256  # requests per script call (the script blocks Redis ~10 us per request)
-LEASE_WINDOW_S = 0.1  # a leased allowance covers this much of a bucket's refill, and lives this long
-MAX_LEASE = 64  # rate tokens taken at once, at most
 MAX_IN_FLIGHT = 8  # batches awaiting Redis at once; more requests wait for the next batch (and grow it)
-_SLOT_TTL_MS = str(int(SLOT_TTL_S * 1000))
-
-
-@dataclass(frozen=True, slots=True)
-class Script:
-    """A Lua file shipped in this package, with its SHA1 (what EVALSHA names)."""
-
-    name: str
-    source: str
-    sha: str
-
-    @classmethod
-    def load(cls, name: str) -> Script:
-        source = importlib.resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
-
-
-ACQUIRE = Script.load("acquire.lua")
-RELEASE = Script.load("release.lua")
-
-
-@dataclass(slots=True)
-class _Lease:
-    """Rate tokens this replica took from a bucket ahead of use (see ``lease_size``)."""
-
-    tokens: int  # left to hand out
-    expires: float  # time.monotonic(); unspent tokens are dropped then (never returned)
-    remaining: int  # the bucket's whole tokens in Redis when granted (for RateLimit-Remaining)
-    reset_s: int
-
-
-def lease_size(limits: Limits) -> int:
-    """How many rate tokens to take from Redis at once for a busy bucket.
-
-    A bucket refilling at ``rate_per_s`` is asked for what it refills in
-    ``LEASE_WINDOW_S`` (at most ``MAX_LEASE``, at most an eighth of the burst);
-    below 2 there is no lease and every request is one exact Redis call. The
-    tokens come out of the global bucket before they are used, so leasing never
-    admits more than the global limit; it can admit less — by at most one
-    unspent allowance per replica and bucket, dropped when its window ends —
-    and ``RateLimit-Remaining`` counts a replica's unspent allowance as available.
-    """
-    return max(1, min(MAX_LEASE, int(limits.rate_per_s * LEASE_WINDOW_S), limits.burst // 8))
+REFRESH_BATCH = 1000  # slots per refresh.lua call (all calls of one refresh share one pipeline)
 
 
 @dataclass(slots=True)
@@ -132,8 +95,11 @@ class RedisStore:
     answers again (the health loop drains these repairs).
     """
 
-    def __init__(self, config: QuotaConfig, metrics: Metrics | None = None, *, client: Any = None) -> None:
+    def __init__(self, config: QuotaConfig, metrics: Metrics | None = None, *, client: Any = None,
+                 slot_ttl_s: float = SLOT_TTL_S) -> None:
         self._config = config
+        self._slot_ttl_ms = str(max(1, int(slot_ttl_s * 1000)))
+        self._live = LiveSlots(slot_ttl_s, self.refresh_slots)
         self._metrics = metrics
         self._timeout = config.timeout_ms / 1000
         self._prefix = config.key_prefix
@@ -145,8 +111,7 @@ class RedisStore:
         self._repairs: deque[tuple[str, str]] = deque(maxlen=MAX_REPAIRS)
         self._limit_args: dict[Limits, str] = {}
         self._keys: dict[str, tuple[str, str, str]] = {}
-        self._leases: dict[str, _Lease] = {}  # bucket -> this replica's unspent allowance
-        self._leasing: set[str] = set()  # buckets with an allowance request in flight
+        self._leases = Leases()  # this replica's unspent allowances of busy rate-only buckets
         self._failures = 0  # consecutive
         self._fail_fast_until = 0.0
         self._last_error: str | None = "not checked yet"
@@ -163,9 +128,11 @@ class RedisStore:
             await self._call(self._load_scripts)
         if self._health is None:
             self._health = asyncio.create_task(self._health_loop(), name="quota-store-health")
+        self._live.start()
 
     async def close(self) -> None:
         self._closing = True
+        await self._live.close()
         if self._health is not None:
             # The flag, not only the cancel, ends the loop: on Python 3.11 a
             # cancellation that lands in redis-py's send (asyncio.wait_for under
@@ -202,14 +169,9 @@ class RedisStore:
     async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
         want = 1
         if limits.rate_per_s and not limits.needs_release:
-            size = lease_size(limits)
-            if size > 1:
-                lease = self._leases.get(bucket)
-                if lease is not None and lease.tokens > 0 and time.monotonic() < lease.expires:
-                    lease.tokens -= 1  # admitted from this replica's allowance: no round trip
-                    return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0)
-                if bucket not in self._leasing:  # one allowance in flight per bucket, the others ask for 1
-                    want = size
+            verdict, want = self._leases.spend(bucket, limits)
+            if verdict is not None:  # admitted from this replica's allowance: no round trip
+                return verdict
         keys = self.keys(bucket)
         wire = self._limit_args.get(limits)
         if wire is None:
@@ -218,27 +180,47 @@ class RedisStore:
             wire = self._limit_args[limits] = (f"{limits.rate_per_s!r} {limits.burst} {limits.max_concurrent} "
                                                f"{limits.tokens_per_minute}")
         if want > 1:
-            self._leasing.add(bucket)
+            self._leases.asking(bucket)
             try:
                 r = await self._submit(ACQUIRE, keys, (wire, slot, cost, want), None)
             finally:
-                self._leasing.discard(bucket)
-            if r[0] > 1:
-                if len(self._leases) >= 100_000:
-                    self._leases.clear()
-                lease = self._leases[bucket] = _Lease(r[0] - 1, time.monotonic() + LEASE_WINDOW_S, r[2],
-                                                      math.ceil(r[3] / 1000))
-                return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0)
+                self._leases.done(bucket)
+            verdict = self._leases.grant(bucket, r)
+            if verdict is not None:
+                return verdict
         else:
             r = await self._submit(ACQUIRE, keys, (wire, slot, cost, 1),
                                    (keys[1], slot) if limits.max_concurrent else None)
+            if r[0] >= 1 and limits.max_concurrent:
+                self._live.add(keys[1], slot)  # kept alive until released (see LiveSlots)
         return Verdict.from_ms(r[0] >= 1, r[1], r[2], r[3], r[4])
 
     async def release(self, bucket: str, limits: Limits, slot: str, refund: int) -> None:
         keys = self.keys(bucket)
         held = slot if limits.max_concurrent else ""
+        if held:
+            self._live.discard(keys[1], slot)  # even if the release fails: a repair or the TTL frees it
         await self._submit(RELEASE, (keys[1], keys[2]), (held, limits.tokens_per_minute, refund),
                            (keys[1], slot) if held else None)
+
+    async def refresh_slots(self, live: Snapshot) -> None:
+        """Push the expiry of every slot in ``live`` to now + TTL; slots already released stay released.
+
+        All of it is one round trip: ``REFRESH_BATCH`` slots per script call,
+        the calls pipelined (Cluster: one call per key, each to its node).
+        """
+        commands = refresh_commands(live, per_call=REFRESH_BATCH, one_key_per_call=self._batch_max == 1)
+        step = max(1, len(commands)) if self._batch_max > 1 else 16  # Cluster: 16 single-key calls at a time
+        for i in range(0, len(commands), step):
+            chunk = commands[i:i + step]
+            replies = await self._call(functools.partial(self._send, chunk), timeout=max(self._timeout, 1.0))
+            failed = next((r for r in replies if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise StoreError(f"{type(failed).__name__}: {failed}")
+
+    def live_slots(self) -> int:
+        """Slots this replica holds for requests still running (kept alive by the refresher)."""
+        return len(self._live)
 
     def pending_repairs(self) -> int:
         """Slots whose release is owed to Redis (freed once it answers again)."""
@@ -324,7 +306,7 @@ class RedisStore:
             return
         for (script, calls), reply in zip(commands, replies):
             width = 5 if script is ACQUIRE else 1
-            values = [] if isinstance(reply, BaseException) else _integers(reply)
+            values = [] if isinstance(reply, BaseException) else integers(reply)
             for i, call in enumerate(calls):
                 if isinstance(reply, BaseException):
                     if call.slot is not None:
@@ -338,9 +320,10 @@ class RedisStore:
                 elif script is ACQUIRE and call.slot is not None and result[0] == 1:
                     self._repairs.append(call.slot)  # admitted, but the request is gone: give the slot back
 
-    async def _send(self, commands: list[tuple[Script, list[tuple[tuple[str, ...], tuple[Any, ...]]]]]) -> list[Any]:
+    async def _send(self, commands: list[tuple[Script, Requests]]) -> list[Any]:
         """One reply (or ResponseError) per script call; connection failures raise."""
-        wire = [(script, _command_args(script, requests)) for script, requests in commands]
+        ttl = self._slot_ttl_ms
+        wire = [(script, command_args(script, requests, ttl)) for script, requests in commands]
         if len(wire) == 1:
             script, (nkeys, args) = wire[0]
             try:
@@ -377,15 +360,21 @@ class RedisStore:
             return await self._client.evalsha(script.sha, nkeys, *args)
 
     async def _load_scripts(self) -> None:
-        for script in (ACQUIRE, RELEASE):
-            await self._client.script_load(script.source)
+        if self._batch_max == 1:  # Cluster: each SCRIPT LOAD goes to every primary
+            for script in SCRIPTS:
+                await self._client.script_load(script.source)
+            return
+        pipe = self._client.pipeline(transaction=False)  # all of them in one round trip
+        for script in SCRIPTS:
+            pipe.script_load(script.source)
+        await pipe.execute()
 
     async def _repair(self) -> None:
         """Free slots whose release is owed (requests that failed or vanished mid-call), in batches."""
         size = MAX_BATCH if self._batch_max > 1 else 16  # Cluster: 16 single calls at a time
         while self._repairs:
             todo = [self._repairs.popleft() for _ in range(min(len(self._repairs), size))]
-            requests = [((key, key), (slot, 0, 0)) for key, slot in todo]
+            requests: Requests = [((key, key), (slot, 0, 0)) for key, slot in todo]
             commands = [(RELEASE, requests)] if self._batch_max > 1 else [(RELEASE, [r]) for r in requests]
             try:
                 replies = await self._call(lambda: self._send(commands))
@@ -407,7 +396,7 @@ class RedisStore:
             self._failed(f"no answer within {self._config.timeout_ms} ms")
             raise StoreError(self._last_error or "timeout") from exc
         except (RedisError, OSError) as exc:
-            self._failed(f"{type(exc).__name__}: {exc}".strip())
+            self._failed(redact_text(f"{type(exc).__name__}: {exc}".strip()))  # a client error may quote the URL
             raise StoreError(self._last_error or "error") from exc
         if self._last_error is not None:
             self._recovered()
@@ -442,17 +431,3 @@ class RedisStore:
                 pass
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
-
-def _integers(reply: bytes | str) -> list[int]:
-    """A script's comma-separated integers (bytes, or str under ``decode_responses``)."""
-    return [int(x) for x in reply.split(b"," if isinstance(reply, bytes) else ",")]
-
-
-def _command_args(script: Script, requests: list[tuple[tuple[str, ...], tuple[Any, ...]]]) -> tuple[int, list[Any]]:
-    """(number of keys, keys + args) for one script call carrying ``requests``."""
-    keys: list[Any] = []
-    args: list[Any] = [_SLOT_TTL_MS] if script is ACQUIRE else []
-    for k, a in requests:
-        keys.extend(k)
-        args.extend(a)
-    return len(keys), keys + args

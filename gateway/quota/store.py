@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     from ..config import QuotaConfig
     from ..metrics import Metrics
 
-# A slot older than this is presumed leaked by a crashed replica and freed.
-# Longer than any request the gateway lets run (streams included); a live
-# request is always released explicitly long before.
+# A Redis slot nobody has refreshed for this long is presumed leaked by a
+# crashed replica and freed. The slots of live requests are refreshed every
+# TTL/3 (``live_slots``), so a request of any length keeps its slot; the TTL
+# only bounds how long a dead replica's slots lock its subjects out. Read when
+# a store is opened (tests lower it to prove the refresh).
 SLOT_TTL_S = 600.0
 
 # Reasons a request is refused; also the ``reason`` label of maas_quota_rejections_total.
@@ -130,4 +132,4 @@ def open_store(config: QuotaConfig, metrics: Metrics | None = None) -> QuotaStor
         return MemoryStore(metrics)
     from .redis_store import RedisStore
 
-    return RedisStore(config, metrics)
+    return RedisStore(config, metrics, slot_ttl_s=SLOT_TTL_S)

@@ -92,12 +92,12 @@ class Quota:
             return
         limits = entry.limits
 
-        cost = prompt = 0
+        cost = 0
         if limits.tokens_per_minute:
             route = ctx.route
             if route is not None and route.kind is RouteKind.OPENAI:
                 cap = ctx.model.max_tokens if ctx.model is not None else None
-                prompt, cost = llm_tokens.estimate(ctx.json, ctx.path, self.config.default_tokens_per_request, cap)
+                _, cost = llm_tokens.estimate(ctx.json, ctx.path, self.config.default_tokens_per_request, cap)
             else:  # token budgets govern OpenAI-style calls only
                 limits = _without_tokens(limits)
                 if not (limits.burst or limits.max_concurrent):
@@ -134,7 +134,7 @@ class Quota:
             raise RateLimited(message, retry_after_s=verdict.retry_after_s, headers=headers)
         ctx.quota = "ok"
         if limits.needs_release:
-            hold = Hold(self.store, bucket, limits, slot, reserved=cost, prompt_estimate=prompt, model=model,
+            hold = Hold(self.store, bucket, limits, slot, reserved=cost, model=model,
                         on_error=self._on_store_error, on_tokens=self._count_tokens)
             ctx.on_finish(hold.release)
 

@@ -1,0 +1,154 @@
+"""One upstream answer's body, as the connection hands it over.
+
+Two ways to consume it, with different flow control on purpose:
+
+- ``readany()`` (streams) is paced by the client: above ``PAUSE_ABOVE``
+  unread bytes the socket stops being read, so a slow client slows the
+  upstream instead of filling our memory.
+- ``read()`` (whole bodies) wants every byte now: it never pauses (pausing
+  there waited for a reader that was itself waiting for the end, so a 1 MB
+  answer never arrived), wakes only at the end instead of per chunk, and is
+  bounded instead by ``max_bytes`` and a total deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .errors import ResponseTooLarge, UpstreamError
+
+if TYPE_CHECKING:
+    from .client import Connection
+
+PAUSE_ABOVE = 262_144  # buffered but unread stream bytes before the socket stops being read (a slow client)
+TOO_LARGE = "upstream answer too large"
+
+
+class Response:
+    """An upstream's answer: status and headers at once, the body as it arrives.
+
+    Read it whole with ``read()`` or chunk by chunk with ``readany()``, then
+    ``release()`` it: a fully read body on a keep-alive connection returns the
+    connection to the pool, anything else closes it.
+    """
+
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_received", "_limit", "_whole", "_eof",
+                 "_error", "_waiter", "_released")
+
+    def __init__(self, conn: Connection, status: int, headers: list[tuple[str, str]]) -> None:
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0  # unread
+        self._received = 0  # all body bytes so far
+        self._limit = 0  # whole reads: the cap on _received (0: none)
+        self._whole = False  # read() is waiting for the whole body
+        self._eof = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._released = False
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def error(self) -> UpstreamError | None:
+        """Why the body ended early, once it has (None while it is fine)."""
+        return self._error
+
+    async def read(self, *, max_bytes: int = 0, total_s: float | None = None) -> bytes:
+        """The whole body; ``UpstreamError`` if it does not arrive complete.
+
+        ``max_bytes`` (0: no cap): ``ResponseTooLarge`` when the declared
+        Content-Length is larger, before waiting for a byte, or as soon as a
+        chunked or close-delimited body grows past it. ``total_s``:
+        ``ReadTimeout`` unless the body is complete within that many seconds,
+        however steadily it trickles in.
+        """
+        if max_bytes and self._error is None:
+            self._limit = max_bytes
+            if self._received > max_bytes or (not self._eof and self._declared_over(max_bytes)):
+                self._error = ResponseTooLarge(TOO_LARGE)  # release() will close the connection, not pool it
+        if not self._eof and self._error is None:
+            self._whole = True
+            if total_s is not None:
+                self._conn.set_deadline(total_s)
+            self._conn.resume()
+            while not self._eof and self._error is None:
+                await self._wait()
+        if self._error is not None:
+            raise self._error
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def readany(self) -> bytes:
+        """The next chunk the upstream sent, as soon as there is one; ``b""`` at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            await self._wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._buffered < PAUSE_ABOVE // 2:
+            self._conn.resume()
+        return chunk
+
+    def expire_after(self, seconds: float) -> None:
+        """End a streamed body ``seconds`` from now (``StreamExpired`` after what was received), connection closed."""
+        if not self._eof and self._error is None:
+            self._conn.set_deadline(seconds)
+
+    def release(self) -> None:
+        """Give the connection back (pooled only if the answer was read to its end). Idempotent."""
+        if not self._released:
+            self._released = True
+            self._conn.finished(reusable=self._eof and self._error is None and not self._chunks)
+
+    def _declared_over(self, max_bytes: int) -> bool:
+        declared = self.header("Content-Length")
+        return declared is not None and declared.isdigit() and int(declared) > max_bytes
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, chunk: bytes) -> None:
+        """A body chunk from the parser. Raises ``ResponseTooLarge`` (inside the parser callback) past the cap."""
+        self._chunks.append(chunk)
+        size = len(chunk)
+        self._buffered += size
+        self._received += size
+        if self._whole:  # the reader waits for the end: no pause, no wake-up per chunk
+            if self._received > self._limit > 0:
+                raise ResponseTooLarge(TOO_LARGE)
+            return
+        if self._buffered > PAUSE_ABOVE:
+            self._conn.pause()
+        self._wake()
+
+    def _end(self, error: UpstreamError | None = None) -> None:
+        if error is None:
+            self._eof = True
+        elif not self._eof and self._error is None:  # the first error is the cause; the close that follows is not
+            self._error = error
+        self._wake()
