@@ -48,10 +48,16 @@ WRITE_TIMEOUT_S = 5
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [0.1, 0.2, 0.3, 0.4]}]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all held open while choosing, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # ---------------------------------------------------------------- the upstream (its own process)
@@ -150,7 +156,12 @@ def worker_pids(parent: int) -> list[int]:
         children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     except OSError:
         return []
-    return sorted(int(c) for c in children)
+    pids = []
+    for child in children:  # the workers, not multiprocessing's resource tracker
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"resource_tracker" not in cmdline:
+            pids.append(int(child))
+    return sorted(pids)
 
 
 def rss_mb(pid: int) -> float:
@@ -205,6 +216,7 @@ async def stream_loop(s: aiohttp.ClientSession, url: str, key: str, t: Tally, st
                     await r.content.readline()
                     r.close()  # drops the connection mid-stream
                     t.status[f"{label} cut"] += 1
+                    await asyncio.sleep(0.1)
                     continue
                 text = await r.read()
                 ok = r.status == 200 and text.rstrip().endswith(b"data: [DONE]")
@@ -280,9 +292,10 @@ async def sample(proc: subprocess.Popen[bytes], upstream: str, rows: list[dict[s
 
 async def soak(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="maas-soak-"))
-    port, admin, up_port = free_port(), free_port(), free_port()
+    port, admin, up_port = free_ports(3)
     upstream = f"http://127.0.0.1:{up_port}"
-    up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
+    up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)],
+                          stdout=subprocess.DEVNULL, stderr=open(tmp / "upstream.out", "wb"))
     config, key = write_setup(tmp, port, admin, upstream)
     gw = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(config), "--workers", "2"],
                           cwd=ROOT, stdout=open(tmp / "gateway.out", "wb"), stderr=subprocess.STDOUT)
