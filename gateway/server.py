@@ -62,6 +62,33 @@ class _Server(web.Server):
         return _JsonErrorRequestHandler(self, loop=self._loop, counter=self.counter, **self._kwargs)
 
 
+class _Site(web.TCPSite):
+    """aiohttp's TCP site, with the TLS handshake held to the head deadline.
+
+    A peer that opens a TLS connection and never finishes the handshake would
+    otherwise hold it for asyncio's default 60 s, before our protocol (and its
+    head deadline and connection caps) ever sees it.
+    """
+
+    __slots__ = ("_handshake_timeout_s",)
+
+    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            return await super().start()
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout_s)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -120,7 +147,11 @@ class Running:
 async def start(config: GatewayConfig, *, port: int | None = None, admin_port: int | None = None,
                 reuse_port: bool = False) -> Running:
     gateway = Gateway(config)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:  # what it opened (the audit file's lock, upstream pools) must not outlive a failed start
+        await gateway.close()
+        raise
     server_cfg = config.server
     jwt = config.auth.jwt
     # headers up to 32 KiB reach us, so a too-long token is our 401 rather than the HTTP parser's 400
@@ -134,8 +165,9 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
         await runner.setup()
         runners.append(runner)
         ssl_context = tls_context(server_cfg.tls) if server_cfg.tls else None
-        site = web.TCPSite(runner, server_cfg.host, server_cfg.port if port is None else port,
-                           ssl_context=ssl_context, reuse_port=reuse_port or None, backlog=1024)
+        site = _Site(runner, server_cfg.host, server_cfg.port if port is None else port,
+                     ssl_context=ssl_context, reuse_port=reuse_port or None, backlog=1024,
+                     handshake_timeout_s=server_cfg.header_timeout_s)
         await site.start()
         bound = _bound_port(runner)
         bound_admin = None

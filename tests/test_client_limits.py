@@ -675,3 +675,28 @@ async def test_over_tls_half_heads_get_the_deadline_and_stalled_readers_are_drop
             w.close()
         await gw.stop()
         await up.stop()
+
+
+async def test_a_tls_handshake_that_never_finishes_is_closed_at_the_head_deadline(tmp_path: Path,
+                                                                                   keys: Keys) -> None:
+    """A TCP connection to a TLS port that never sends its ClientHello: asyncio would wait 60 s for it."""
+    up = await start_upstream()
+    cert, key = self_signed(tmp_path)
+    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                             server={"header_timeout_s": 0.5,
+                                     "tls": {"cert_file": str(cert), "key_file": str(key)}})
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))  # plain TCP, no handshake
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+        assert time.monotonic() - started < 2.5
+        writer.close()
+        # a real TLS client is still served
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        r, w = await asyncio.open_connection("localhost", port_of(gw), ssl=client_tls)
+        w.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 ")
+        w.close()
+    finally:
+        await gw.stop()
+        await up.stop()
