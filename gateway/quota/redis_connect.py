@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -92,12 +92,17 @@ def connect(config: QuotaConfig) -> Any:
 
 
 def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc or url.startswith("redis+sentinel://"):
+    """The URL less its password (user-info or ``?password=``): with ``password_env`` the env var must win."""
+    if url.startswith("redis+sentinel://"):
         return url  # a Sentinel URL's credentials are the sentinels' own
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}@{hosts}" if user else hosts).geturl()
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() != "password"]
+    parts = parts._replace(query=urlencode(query))
+    if "@" in parts.netloc:
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}@{hosts}" if user else hosts)
+    return parts.geturl()
 
 
 # The store URL without any credential form (user-info, ?password=, ?username=...), for logs and /readyz.
