@@ -29,7 +29,7 @@ from gateway.config import QuotaConfig  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind  # noqa: E402
 from gateway.policy.document import PolicyDocument, QuotaRule  # noqa: E402
-from gateway.quota.store import open_store  # noqa: E402
+from gateway.quota.stores import open_store  # noqa: E402
 from gateway.stages.quota import Quota  # noqa: E402
 
 

@@ -96,8 +96,8 @@ def sample_pixels(n: int = 784) -> list[float]:
 
 
 async def run_inprocess(weights: Path, arch: str, max_batch: int, device: str, clients: int, seconds: float) -> dict[str, Any]:
-    from backends.base import BackendEnv
     from backends.torch import TorchBackend, TorchBackendConfig
+    from gateway.backend import BackendEnv
     from gateway.config import ModelConfig, ServerConfig
     from gateway.metrics import Metrics
     from gateway.pipeline import RequestContext, Route, RouteKind

@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from backends.base import Backend, BackendEnv, backend_class
-
 from . import audit as audit_mod
+from .backend import Backend, BackendEnv
 from .config import GatewayConfig
 from .errors import ConfigError, GatewayError, InternalError, InvalidRequest, NotFound, MethodNotAllowed, Unavailable
 from .metrics import Metrics
 from .pipeline import BackendResponse, Decision, RequestContext, RouteKind
+from .plugins import PluggedModel, create_backends, plug
 from .redact import redact_text
 from .routing import Router
 from .services import Services
@@ -46,8 +46,9 @@ def error_body(error_type: str, message: str, rid: str) -> bytes:
 class Gateway:
     """One gateway instance: its stages, backends, policy and audit log, built from one config."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, plugged: dict[str, PluggedModel] | None = None) -> None:
         self.config = config
+        self.plugged = plug(config) if plugged is None else plugged
         self.metrics = Metrics()
         self.policy = None
         if config.policy is not None:
@@ -56,10 +57,7 @@ class Gateway:
             self.policy = PolicyStore(config.policy, self.metrics)
         services = Services(config, self.metrics, self.policy)
         env = BackendEnv(config.server, self.metrics)
-        self.backends: dict[str, Backend] = {
-            name: backend_class(model.backend.get("type"))(name, model, config.backend_configs[name], env)
-            for name, model in config.models.items()
-        }
+        self.backends: dict[str, Backend] = create_backends(self.plugged, env)
         self.router = Router({n: b.protocol() for n, b in self.backends.items()},
                              {n: b.raw_paths() for n, b in self.backends.items()},
                              {n: b.raw_methods() for n, b in self.backends.items()})
@@ -73,8 +71,7 @@ class Gateway:
         self.checks = [s for s in (self.authorize, self.quota, self.validate) if s is not None]
         self.max_body = config.server.max_body_bytes
         self._tls = config.server.tls is not None
-        self._inflight = self.metrics.tally(self.metrics.inflight)
-        self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._inflight = self.metrics.inflight
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
             self.audit = audit_mod.AuditLog.from_config(config.audit, self.metrics)
@@ -83,15 +80,15 @@ class Gateway:
 
     def _declared_inputs(self, model: str) -> Any:
         """The inputs a backend knows its model takes (the local runner, once loaded); None otherwise."""
-        declared = getattr(self.backends.get(model), "declared_inputs", None)
-        return declared() if callable(declared) else None
+        backend = self.backends.get(model)
+        return backend.declared_inputs() if backend is not None else None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         from .preflight import check_requirements
 
-        problems = check_requirements(self.config)
+        problems = check_requirements(self.config, plugged=self.plugged)
         if problems:
             raise ConfigError(problems[0])
         for component in self._components:
@@ -187,9 +184,9 @@ class Gateway:
                 except Exception:
                     log.exception("cleanup failed (request %s)", ctx.request_id)
             now = time.monotonic()
-            counter, histogram = self._request_metrics(ctx.model_name or "-", ctx.action or "-", ctx.status)
-            counter.inc()
-            histogram.observe(now - started)
+            model = ctx.model_name or "-"
+            self.metrics.requests.labels(model, ctx.action or "-", ctx.status).inc()  # hot metrics: summed in memory
+            self.metrics.request_seconds.labels(model).observe(now - started)
             if self.audit is not None:
                 self.audit.record(ctx, now)
 
@@ -198,9 +195,9 @@ class Gateway:
             raise Unavailable("audit log not writable")
         request = ctx.request
         headers = request.headers
-        for name in SINGLETON_HEADERS:
-            if len(headers.getall(name, ())) > 1:
-                raise InvalidRequest(f"header {name} sent more than once")
+        for header in SINGLETON_HEADERS:
+            if len(headers.getall(header, ())) > 1:
+                raise InvalidRequest(f"header {header} sent more than once")
         coding = headers.get("Transfer-Encoding")
         if coding is not None and coding.strip().lower() != "chunked":  # a coding we would not apply is refused
             raise InvalidRequest("unsupported Transfer-Encoding")
@@ -234,19 +231,6 @@ class Gateway:
         if self.harden is not None:
             response = await self.harden(ctx, response)
         return await self._send(ctx, response)
-
-    def _request_metrics(self, model: str, action: str, status: int) -> tuple[Any, Any]:
-        """The labelled children for one (model, action, status), looked up once and kept (hot path)."""
-        key = (model, action, status)
-        children = self._metric_children.get(key)
-        if children is None:
-            if len(self._metric_children) > 10_000:  # bounded: model names come from config, statuses are few
-                self._metric_children.clear()
-            metrics = self.metrics
-            children = (metrics.tally(metrics.requests.labels(model, action, str(status))),
-                        metrics.histogram_tally(metrics.request_seconds.labels(model)))
-            self._metric_children[key] = children
-        return children
 
     def _models_list(self, ctx: RequestContext) -> web.Response:
         allowed = self.authorize.allowed_models(ctx, self.config.models) if self.authorize else []

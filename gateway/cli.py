@@ -1,8 +1,10 @@
-"""``maas-gateway``: serve | demo | check | openapi | policy | keys | model | audit.
+"""``maas-gateway``: serve | check | audit | policy | keys | openapi, and each backend's own commands.
 
 Every command fails with one human-readable line and a non-zero status on bad
 input — never a traceback. Command groups owned by other modules register
-themselves through ``register(subparsers)``.
+themselves through ``register(subparsers)``; each installed backend adds its
+own (the local runner's ``model ...`` and ``demo``) through ``Backend.add_commands``,
+so this module names no backend.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Callable, Sequence
 from .errors import CliError, ConfigError
 from .redact import redact_text
 
-# modules that add their own command groups
-COMMAND_MODULES = ("gateway.policy.cli", "gateway.auth.cli", "backends.torch.cli", "gateway.openapi")
+# modules of the core that add their own command groups (backends add theirs through the Backend interface)
+COMMAND_MODULES = ("gateway.policy.cli", "gateway.auth.cli", "gateway.openapi")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,14 +28,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .launch import serve
 
     return serve(args.config, workers=args.workers)
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .check import collect
     from .config import load_config
-    from .findings import Finding, collect
 
     try:
         config = load_config(args.config)
@@ -57,20 +59,6 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return run_verify(args)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from backends.torch.demo import prepare_demo
-
-    from .server import serve
-
-    setup = prepare_demo(port=args.port, admin_port=args.admin_port)
-    print("maas-gateway demo: the digits model behind the full pipeline (in-memory quotas, demo keys)")
-    print(f"  config:  {setup.config_path}")
-    print(f"  token:   {setup.token}")
-    print(f"  try:     {setup.curl}")
-    print("  stop:    Ctrl-C", flush=True)
-    return serve(str(setup.config_path), workers=1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maas-gateway", description="Security gateway for models served as a service.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -79,11 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--workers", type=int, default=None, help="processes sharing the port (default: server.workers)")
     p.set_defaults(func=_serve)
-
-    p = sub.add_parser("demo", help="self-contained demo: bundled digits model, memory quotas, demo keys")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--admin-port", type=int, default=9090)
-    p.set_defaults(func=_demo)
 
     p = sub.add_parser("check", help="validate config and policy, print security findings")
     p.add_argument("-c", "--config", required=True)
@@ -108,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         if register is not None:
             register(sub)
+    from .backend import registered
+
+    for backend in registered().values():
+        backend.add_commands(sub)
     return parser
 
 

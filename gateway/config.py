@@ -1,9 +1,10 @@
 """The gateway's configuration file as frozen, typed objects.
 
 Everything a request needs is resolved here, once, at start-up: relative paths
-become absolute (relative to the file that names them), ``${ENV}`` is
-substituted, and every backend's own section is validated by that backend's
-config class so ``maas-gateway check`` catches its mistakes too.
+become absolute (relative to the file that names them) and ``${ENV}`` is
+substituted. This module is pure data: a model's ``backend:`` section stays an
+untyped ``Section`` here, and the plugin step above it (``gateway.plugins``)
+finds the backend class and types the section, with the same file:line errors.
 """
 
 from __future__ import annotations
@@ -257,8 +258,6 @@ class GatewayConfig:
     quota: QuotaConfig | None = None
     audit: AuditConfig | None = None
     models: dict[str, ModelConfig] = field(default_factory=dict)
-    # resolved after loading: {model name: the backend's own typed config}
-    backend_configs: dict[str, Any] = field(default_factory=dict, metadata={"yaml": "__internal_backend_configs"})
     source: Source | None = field(default=None, metadata={"yaml": "__internal_source"})
 
     def validate(self) -> tuple[str, str] | None:
@@ -284,23 +283,14 @@ def load_config(path: str | Path) -> GatewayConfig:
 
 
 def resolve(config: GatewayConfig, source: Source) -> GatewayConfig:
-    from backends.base import backend_class  # late: backends depend on gateway, not the reverse
-
+    """Name each model after its key, and resolve what is relative to the file; backends are not looked up here."""
     models: dict[str, ModelConfig] = {}
-    typed: dict[str, Any] = {}
     for name, model in config.models.items():
         if not name or "/" in name or name.strip() != name:
             raise source.error(f"models.{name}", "model names must be non-empty and contain no '/' or spaces")
-        model = _with(model, name=name)
-        kind = model.backend.get("type")
-        try:
-            cls = backend_class(kind)
-        except KeyError:
-            raise source.error(f"models.{name}.backend.type", f"unknown backend type {kind!r}") from None
-        typed[name] = model.backend.build(cls.config_class)
-        models[name] = model
+        models[name] = _with(model, name=name)
     audit = config.audit.resolved(source.base_dir) if config.audit is not None else None
-    return _with(config, models=models, backend_configs=typed, source=source, audit=audit)
+    return _with(config, models=models, source=source, audit=audit)
 
 
 def _with(obj: Any, **changes: Any) -> Any:

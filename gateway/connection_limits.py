@@ -42,19 +42,16 @@ so an aiohttp upgrade that moves them fails loudly there rather than silently he
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import socket
-import struct
-import termios
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .errors import GatewayError, RequestHeaderFieldsTooLarge, RequestTimeout
+from .socket_probes import abort_with_reset, bytes_taken, kernel_unsent
 
 if TYPE_CHECKING:
     from aiohttp.http_parser import RawRequestMessage
@@ -67,12 +64,7 @@ log = logging.getLogger("maas.connections")
 
 _parse = RequestHandler.data_received  # aiohttp's parsing step, called without building a super() per read
 
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the send queue at once
 _CLOSE_GRACE_S = 2.0  # after a 408/431 answer: then reset, even if a TLS peer never answers our close_notify
-_OUTQ = getattr(termios, "TIOCOUTQ", None)  # Linux: bytes in a socket's send queue the peer has not acknowledged
-_INT = struct.Struct("i")
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
-_BYTES_ACKED, _BYTES_ACKED_AT = struct.Struct("=Q"), 120  # struct tcp_info: __u64 tcpi_bytes_acked (Linux >= 4.1)
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -185,7 +177,7 @@ class GuardedRequestHandler(RequestHandler):
         ip = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
         if not self._counter.admit(ip):
             log.debug("connection from %s refused: connection cap reached", ip)
-            transport.abort()  # before any read: nothing of this peer is parsed or kept
+            cast(asyncio.Transport, transport).abort()  # before any read: nothing of this peer is parsed or kept
             return
         self._peer_ip = ip
         self._tr = tr = transport  # type: ignore[assignment]
@@ -211,16 +203,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def _drop(self) -> None:
         """Close now, with a reset: nothing more is sent, and the kernel frees what the peer left unread."""
-        tr = self._tr
-        if tr is None:
-            return
-        sock = tr.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except (OSError, AttributeError, TypeError, ValueError):  # pragma: no cover - odd transports
-                pass
-        tr.abort()
+        if self._tr is not None:
+            abort_with_reset(self._tr)
 
     # -- request heads -------------------------------------------------------------
 
@@ -248,8 +232,9 @@ class GuardedRequestHandler(RequestHandler):
                 if data[-4:] != _HEAD_END:
                     self._after_message(data)
             elif not payload.is_eof():
-                self._body, self._body_chunked = payload, message.chunked
-            elif message.chunked and data[-4:] != _HEAD_END:
+                # a message with a payload is a RawRequestMessage (an _ErrInfo comes with EMPTY_PAYLOAD)
+                self._body, self._body_chunked = payload, message.chunked  # type: ignore[union-attr]
+            elif message.chunked and data[-4:] != _HEAD_END:  # type: ignore[union-attr]
                 self._after_message(data)
             # else: a Content-Length body that ended in this read; see the module docstring
         elif body is None:  # no head ended, no body open: every byte is head
@@ -352,7 +337,7 @@ class GuardedRequestHandler(RequestHandler):
         # the kernel's queue instead. (Plain TCP answers are in the kernel by now: a closed socket
         # hands them over, it holds no descriptor.)
         if self._tls and not self._write_deadline and self._tr is not None:
-            if _kernel_unsent(self._tr.get_extra_info("socket")):
+            if kernel_unsent(self._tr.get_extra_info("socket")):
                 self._watch_writes()
         if self._logging_enabled:
             super().log_access(request, response, time)
@@ -360,7 +345,7 @@ class GuardedRequestHandler(RequestHandler):
     def _watch_writes(self) -> None:
         tr = self._tr
         assert tr is not None
-        self._write_mark = _taken(tr)
+        self._write_mark = bytes_taken(tr)
         loop = self._loop
         deadline = loop.time() + self._limits.client_write_timeout_s
         self._write_deadline = deadline
@@ -378,47 +363,16 @@ class GuardedRequestHandler(RequestHandler):
         if now < deadline:
             self._write_timer = loop.call_at(deadline, self._write_clock_fired)
             return
-        taken = _taken(tr)
+        taken = bytes_taken(tr)
         if taken > self._write_mark:  # the client took something: a slow reader, not a stalled one
             self._write_mark = taken
             self._write_deadline = deadline = now + self._limits.client_write_timeout_s
             self._write_timer = loop.call_at(deadline, self._write_clock_fired)
             return
-        if not self._paused and not _kernel_unsent(tr.get_extra_info("socket")):
+        if not self._paused and not kernel_unsent(tr.get_extra_info("socket")):
             self._write_deadline = 0.0  # all taken meanwhile
             return
         self._counter.write_timeouts += 1
         log.info("connection from %s dropped: took nothing of its answer for %ss", self._peer_ip,
                  self._limits.client_write_timeout_s)
         self._drop()
-
-
-def _kernel_unsent(sock: Any) -> int:
-    """Bytes in the socket's send queue the client has not acknowledged (Linux SIOCOUTQ; 0 where unknown)."""
-    fd = sock.fileno() if sock is not None and _OUTQ is not None else -1
-    if fd < 0:
-        return 0
-    try:
-        return int(_INT.unpack(fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))[0])
-    except OSError:  # pragma: no cover - not a TCP socket
-        return 0
-
-
-def _taken(tr: asyncio.BaseTransport) -> int:
-    """A count that grows whenever the client takes bytes of ours: TCP's ``bytes_acked`` (Linux >= 4.1).
-
-    Acknowledged bytes move as soon as the client reads. What is still buffered is
-    a coarse signal: the kernel wakes a writer only once a third of its
-    (multi-megabyte, autotuned) send queue has drained, so a client reading
-    slowly but steadily would look stalled; and the answer's writer may add to it.
-    Without TCP_INFO: minus the bytes still buffered, in the transport and the kernel.
-    """
-    sock = tr.get_extra_info("socket")
-    if sock is not None and _TCP_INFO is not None:
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
-        except OSError:  # pragma: no cover - not a TCP socket
-            info = b""
-        if len(info) >= _BYTES_ACKED.size + _BYTES_ACKED_AT:
-            return int(_BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0])
-    return -(tr.get_write_buffer_size() + _kernel_unsent(sock))  # type: ignore[attr-defined]

@@ -3,6 +3,10 @@
 ``high`` findings fail the check (exit 1): each is a way the deployment is
 open to attack as written. ``medium``/``low`` are printed and fail only under
 ``--strict``.
+
+This module holds the ``Finding`` shape and the findings of the config's own
+sections; it imports no producer of findings. ``gateway.check`` gathers these
+with the policy's lint, each backend's own and the start-up requirements.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 from .config import GatewayConfig
 from .redact import redact_text
@@ -39,8 +43,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def collect(config: GatewayConfig) -> list[Finding]:
-    """All findings for a loaded config (the policy file is compiled too: its errors raise ConfigError)."""
+def config_findings(config: GatewayConfig, policy: Sequence[Finding] = ()) -> list[Finding]:
+    """The findings of the config's own sections (server, admin, auth, policy, audit, quota).
+
+    ``policy`` holds the policy file's own findings, printed where the policy section is reviewed.
+    """
     out: list[Finding] = []
     server = config.server
     if server.tls is None and not is_loopback(server.host):
@@ -72,7 +79,7 @@ def collect(config: GatewayConfig) -> list[Finding]:
     if config.policy is None:
         out.append(Finding("medium", "policy", "no policy file: every request is denied"))
     else:
-        out.extend(_policy_findings(config))
+        out.extend(policy)
         if not config.policy.watch:
             out.append(Finding("low", "policy.watch", "policy changes apply only on SIGHUP"))
     if config.audit is None or not config.audit.enabled or config.audit.file is None:
@@ -84,43 +91,4 @@ def collect(config: GatewayConfig) -> list[Finding]:
             out.append(Finding("medium", "quota.on_store_error", "quota store failures let requests through unmetered"))
         if config.quota.store == "memory" and server.workers > 1:
             out.append(Finding("medium", "quota.store", "memory store with several workers: each worker keeps its own limits"))
-    for name, typed in config.backend_configs.items():
-        out.extend(_model_findings(name, typed))
-    from .preflight import check_requirements
-
-    for problem in check_requirements(config):
-        out.append(Finding("high", "models", problem))
-    return out
-
-
-def _policy_findings(config: GatewayConfig) -> list[Finding]:
-    """Compile the policy (bad `when` expressions fail with rule id and line), then lint it."""
-    from .policy.compile import compile_policy
-    from .policy.document import load_document
-    from .policy.testing import lint
-
-    assert config.policy is not None
-    document = load_document(str(config.policy.file))
-    compile_policy(document, config.policy.model_file)
-    out = lint(document)
-    if document.quotas and config.quota is None:
-        out.append(Finding("high", "quota", "the policy defines quotas but the config has no quota section: none is enforced"))
-    return out
-
-
-def _model_findings(name: str, typed: object) -> list[Finding]:
-    out: list[Finding] = []
-    path = getattr(typed, "path", None)
-    if path is None or getattr(typed, "type", None) != "torch":
-        return out
-    sig = path.with_name(path.name + ".sig")
-    verify = getattr(typed, "verify_key_file", None)
-    if verify is not None and not sig.is_file():
-        out.append(Finding("high", f"models.{name}", f"unsigned model artifact: {sig.name} missing (it will not load)"))
-    elif verify is None and sig.is_file():
-        out.append(Finding("high", f"models.{name}.backend", "model is signed but verify_key_file is not set: tampering goes unnoticed"))
-    elif verify is None:
-        out.append(Finding("medium", f"models.{name}.backend", "model signature not verified (no verify_key_file)"))
-    if not (getattr(typed, "key_env", None) or getattr(typed, "key_file", None)):
-        out.append(Finding("low", f"models.{name}.backend", "model weights are not encrypted at rest"))
     return out

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .openai_paths import CHAT, COMPLETIONS, EMBEDDINGS
 from .v2 import RequestViolation
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
 ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 _ROLES = frozenset(ROLES)
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")

@@ -1,7 +1,7 @@
 """The gateway's public API as an OpenAPI 3.1 document, generated from its config.
 
 One document describes exactly what this gateway accepts: each model's routes
-(Open Inference Protocol for ``v2``/``torch`` backends, the OpenAI-compatible
+(Open Inference Protocol for ``v2`` backends and the local runner, the OpenAI-compatible
 routes, a raw backend's paths), each model's request schema (its own JSON
 Schema inlined under ``components.schemas``, combined with the protocol's
 envelope), the security schemes that are configured, and the JSON error shape
@@ -21,33 +21,42 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import quote
 
 from . import __version__
-from .config import GatewayConfig, ModelConfig
+from .config import GatewayConfig
+from .openai_paths import CHAT, COMPLETIONS, EMBEDDINGS, MODELS, STREAMING_PATHS
 from .openapi_schemas import ERRORS, BODY_ERRORS, READ_ERRORS, error_responses, protocol_schemas, v2_request
 
+if TYPE_CHECKING:
+    from .backend import Backend
+
 OPENAI_ROUTES = {
-    "/v1/chat/completions": "ChatCompletionRequest",
-    "/v1/completions": "CompletionRequest",
-    "/v1/embeddings": "EmbeddingRequest",
+    CHAT: "ChatCompletionRequest",
+    COMPLETIONS: "CompletionRequest",
+    EMBEDDINGS: "EmbeddingRequest",
 }
 _COMPONENT = re.compile(r"[^A-Za-z0-9._-]")
 # Integers are 64-bit: a JSON integer beyond that range is read as a float and refused where an integer is due.
 
 
-def protocol_of(model: ModelConfig) -> str:
-    """``v2``, ``openai`` or ``raw``: the torch runner speaks v2; an http backend says which."""
-    if model.backend.get("type") == "torch":
-        return "v2"
-    protocol = model.backend.get("protocol")
+def protocol_of(backend: Backend) -> str:
+    """``v2``, ``openai`` or ``raw``: as the model's backend says (``v2`` for anything else)."""
+    protocol = backend.protocol()
     return protocol if protocol in ("v2", "openai", "raw") else "v2"
 
 
-def build_document(config: GatewayConfig) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for ``config`` (plain JSON-ready data)."""
+def build_document(config: GatewayConfig, backends: Mapping[str, Backend] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``config`` (plain JSON-ready data).
+
+    ``backends`` are the running gateway's; without them, unstarted ones are made to ask what each serves.
+    """
+    from .plugins import backends_for
     from .stages.validate import read_schema  # the one reader: same errors as start-up
+
+    if backends is None:
+        backends = backends_for(config)
 
     schemas: dict[str, Any] = protocol_schemas()
     paths: dict[str, Any] = {}
@@ -60,7 +69,7 @@ def build_document(config: GatewayConfig) -> dict[str, Any]:
         if model.schema is not None:
             own = _inline(read_schema(model.schema), f"#/components/schemas/{key}")
             schemas[key] = own
-        protocol = protocol_of(model)
+        protocol = protocol_of(backends[name])
         ref = {"$ref": f"#/components/schemas/{key}"} if own is not None else None
         if protocol == "v2":
             request = v2_request(model.inputs, ref)
@@ -69,7 +78,7 @@ def build_document(config: GatewayConfig) -> dict[str, Any]:
         elif protocol == "openai":
             openai[name] = {"schema": ref, "max_tokens": model.max_tokens}
         else:
-            for path in model.backend.get("paths") or []:
+            for path in backends[name].raw_paths():
                 if any(c in path for c in "*?["):
                     raw_patterns.append(path)
                     continue
@@ -77,9 +86,9 @@ def build_document(config: GatewayConfig) -> dict[str, Any]:
     if openai:
         for path, generic in OPENAI_ROUTES.items():
             paths[path] = {"post": _openai_operation(path, generic, openai)}
-    paths["/v1/models"] = {"get": _operation("listModels", "Models the caller may read.", None,
-                                              {"200": _json_response("The models list.", {"$ref": "#/components/schemas/ModelList"})},
-                                              READ_ERRORS, tags=["models"])}
+    paths[MODELS] = {"get": _operation("listModels", "Models the caller may read.", None,
+                                        {"200": _json_response("The models list.", {"$ref": "#/components/schemas/ModelList"})},
+                                        READ_ERRORS, tags=["models"])}
     _dedupe_operation_ids(paths)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -171,7 +180,7 @@ def _openai_operation(path: str, generic: str, models: dict[str, dict[str, Any]]
         variants.append({"allOf": parts})
     schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
     ok: dict[str, Any] = {"description": "The upstream's answer.", "content": {"application/json": {"schema": {"type": "object"}}}}
-    if path != "/v1/embeddings":
+    if path in STREAMING_PATHS:
         ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}  # stream: true, relayed unbuffered
     name = path.rsplit("/", 1)[-1].replace(".", "_")
     return _operation(f"openai_{'chat_completions' if 'chat' in path else name}", f"OpenAI-compatible {path}.",

@@ -48,6 +48,9 @@ class Identity:
     claims: Mapping[str, Any]  # every token claim (or API key attrs), plus sub and roles
     method: str  # "jwt" | "api_key" | "mtls"
     credential_id: str | None = None  # API key id, JWT kid: for audit, never the secret
+    # Names the credential for the policy decision memo: set by the authenticator that built the identity,
+    # "<method>:<credential>", equal only for credentials that yield equal identities; None: never memoised.
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,7 @@ class Decision:
 class RequestContext:
     """Everything the stages know about one request. Created per request, never shared."""
 
-    request: web.Request
+    request: web.BaseRequest  # the low-level server (gateway.server) hands the app a BaseRequest
     request_id: str
     started: float  # time.monotonic() at arrival
     client_ip: str

@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
     from .config import GatewayConfig
+    from .plugins import PluggedModel
 
 MIB = 1 << 20
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -63,8 +64,17 @@ def free_disk_mb(path: Path) -> int | None:
         return None
 
 
-def check_requirements(config: GatewayConfig, *, ram_mb: int | None = None) -> list[str]:
-    """One sentence per unmet requirement (empty when every model fits). ``ram_mb`` overrides the measurement."""
+def check_requirements(config: GatewayConfig, *, ram_mb: int | None = None,
+                       plugged: Mapping[str, PluggedModel] | None = None) -> list[str]:
+    """One sentence per unmet requirement (empty when every model fits). ``ram_mb`` overrides the measurement.
+
+    ``plugged`` is the plugin step's answer for ``config`` (each backend says where its model's file lies);
+    a caller that has none lets it be made here.
+    """
+    if plugged is None:
+        from .plugins import plug
+
+        plugged = plug(config)
     problems: list[str] = []
     ram = free_ram_mb() if ram_mb is None else ram_mb
     base = Path(config.source.base_dir) if config.source is not None else Path.cwd()
@@ -80,7 +90,7 @@ def check_requirements(config: GatewayConfig, *, ram_mb: int | None = None) -> l
             if ram is not None and ram < req.min_free_ram_mb:
                 problems.append(f"model {name}: requires {req.min_free_ram_mb} MB of free RAM, {ram} MB available")
         if req.min_free_disk_mb > 0:
-            where = getattr(config.backend_configs.get(name), "path", None)
+            where = plugged[name].data_path() if name in plugged else None
             target = Path(where).parent if where is not None else base
             disk = free_disk_mb(target)
             if disk is not None and disk < req.min_free_disk_mb:

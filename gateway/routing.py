@@ -12,9 +12,9 @@ from fnmatch import fnmatchcase
 from typing import Collection, Mapping
 
 from .errors import MethodNotAllowed, NotFound
+from .openai_paths import INFERENCE_PATHS, MODELS
 from .pipeline import Route, RouteKind
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _V2_PREFIX = "/v2/models/"
 _OPENAI_ROUTE = Route(RouteKind.OPENAI, "infer", None, json_body=True)
 _MODELS_LIST = Route(RouteKind.MODELS_LIST, "read", None, json_body=False)
@@ -54,11 +54,11 @@ class Router:
         route = self._routes.get((method, path))
         if route is not None:
             return route
-        if path in OPENAI_PATHS:
+        if path in INFERENCE_PATHS:
             if method != "POST":
                 raise MethodNotAllowed(f"{method} not allowed on {path}")
             return _OPENAI_ROUTE
-        if path == "/v1/models":
+        if path == MODELS:
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{method} not allowed on {path}")
             return _MODELS_LIST

@@ -4,7 +4,8 @@ SIGTERM/SIGINT stop accepting connections, let in-flight requests finish (up
 to ``server.shutdown_timeout_s``), flush the audit log and exit 0. SIGHUP
 reloads the policy and API keys. ``--workers N`` runs N processes that share
 the port through SO_REUSEPORT; ``gateway.workers`` supervises them (relays
-signals, replaces a worker that dies).
+signals, replaces a worker that dies) and ``gateway.launch`` chooses between
+the two.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .app import Gateway, error_body
-from .config import GatewayConfig, TlsConfig, load_config
+from .config import GatewayConfig, TlsConfig
 from .connection_limits import ClientLimits, ConnectionCounter, GuardedRequestHandler, head_refusal
+from .plugins import PluggedModel
 
 log = logging.getLogger("maas.server")
 
@@ -116,7 +117,7 @@ def admin_app(gateway: Gateway) -> web.Application:
     async def openapi(_: web.Request) -> web.Response:
         from .openapi import build_document
 
-        return web.Response(body=orjson.dumps(build_document(gateway.config)),
+        return web.Response(body=orjson.dumps(build_document(gateway.config, gateway.backends)),
                             headers={"Content-Type": "application/json"})
 
     app = web.Application()
@@ -145,8 +146,9 @@ class Running:
 
 
 async def start(config: GatewayConfig, *, port: int | None = None, admin_port: int | None = None,
-                reuse_port: bool = False) -> Running:
-    gateway = Gateway(config)
+                reuse_port: bool = False, plugged: dict[str, PluggedModel] | None = None) -> Running:
+    """Build the gateway (from ``plugged`` when the caller has already resolved its backends) and listen."""
+    gateway = Gateway(config, plugged)
     try:
         await gateway.start()
     except BaseException:  # what it opened (the audit file's lock, upstream pools) must not outlive a failed start
@@ -201,8 +203,9 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: GatewayConfig, *, reuse_port: bool, ready: Any = None) -> None:
-    running = await start(config, reuse_port=reuse_port)
+async def _serve(config: GatewayConfig, *, reuse_port: bool, ready: Any = None,
+                 plugged: dict[str, PluggedModel] | None = None) -> None:
+    running = await start(config, reuse_port=reuse_port, plugged=plugged)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -214,20 +217,3 @@ async def _serve(config: GatewayConfig, *, reuse_port: bool, ready: Any = None) 
     await stop.wait()
     log.info("draining (up to %ss)", config.server.shutdown_timeout_s)
     await running.stop()
-
-
-def serve(config_path: str, *, workers: int | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Returns the exit status."""
-    config = load_config(config_path)
-    count = workers or config.server.workers
-    install_uvloop()
-    if count <= 1:
-        asyncio.run(_serve(config, reuse_port=False))
-        return 0
-    from .workers import run_workers  # supervision (replacing dead workers) lives there
-
-    return run_workers(config_path, count)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(serve(sys.argv[1]))

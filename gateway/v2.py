@@ -25,7 +25,7 @@ import math
 from array import array as pyarray
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence, cast
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None 
         raise RequestViolation(
             f"{where}/data: has {len(values)} values but shape {shape} needs {expected}", "v2_shape_mismatch"
         )
-    array = _check_values(values, dims, spec, datatype, f"{where}/data")
+    array = _check_values(values, dims, spec, cast(str, datatype), f"{where}/data")  # a known name: spec is set
     if arrays is not None and array is not None:
         arrays[name] = array
     return name

@@ -70,7 +70,7 @@ class Supervisor:
 
     def __init__(self, count: int, target: Target, args: tuple[Any, ...] = (), *,
                  on_exit: Callable[[int], None] | None = None,
-                 context: multiprocessing.context.BaseContext | None = None) -> None:
+                 context: multiprocessing.context.SpawnContext | None = None) -> None:
         self._ctx = context or multiprocessing.get_context("spawn")  # no fork: workers start clean of our state
         self._target, self._args, self._on_exit = target, args, on_exit
         self._slots = [_Slot(i) for i in range(count)]

@@ -4,14 +4,17 @@ Everything listens on 127.0.0.1 with an OS-chosen port, so tests run in
 parallel and never collide. ``start_gateway`` runs the real gateway (config
 file on disk, the same ``server.start`` that ``serve`` uses).
 
-Typical use::
+Typical use: the factories ``upstream``, ``gateway`` and ``redis_server`` are async context
+managers that stop what they started, so a test needs no try/finally of its own::
 
     async def test_x(tmp_path, keys):
-        up = await start_upstream()
-        gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
-        async with aiohttp.ClientSession() as s:
-            r = await s.post(gw.url + "/v2/models/digits/infer", json=..., headers=keys.auth("alice"))
-        await gw.stop(); await up.stop()
+        async with upstream() as up, gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
+                                             policy=ALLOW_ANALYSTS) as gw:
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(gw.url + "/v2/models/digits/infer", json=..., headers=keys.auth("alice"))
+
+``start_upstream`` / ``start_gateway`` (and ``.stop()``) remain for tests that stop or restart a
+server in the middle.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import json
 import socket
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import jwt as pyjwt
 import yaml
@@ -208,29 +212,103 @@ async def start_gateway(tmp_path: Path, keys: Keys | None = None, *, models: dic
     return RunningGateway(f"http://127.0.0.1:{running.port}", admin, running, path, policy_path)
 
 
-async def wait_ready(url: str, timeout: float = 30) -> None:
-    """Poll ``url`` until it answers 200 (a gateway process's /readyz)."""
+@asynccontextmanager
+async def upstream(handler: Handler | None = None, *, port: int = 0) -> AsyncIterator[Upstream]:
+    """``start_upstream`` as an async context manager: stopped on the way out, whatever happened."""
+    up = await start_upstream(handler, port=port)
+    try:
+        yield up
+    finally:
+        await up.stop()
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, keys: Keys | None = None, *, models: dict[str, Any],
+                  policy: dict[str, Any] | str | None = None, **sections: Any) -> AsyncIterator[RunningGateway]:
+    """``start_gateway`` as an async context manager: stopped on the way out, whatever happened."""
+    gw = await start_gateway(tmp_path, keys, models=models, policy=policy, **sections)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@asynccontextmanager
+async def redis_server(workdir: Path, port: int | None = None) -> AsyncIterator[Any]:
+    """A private redis-server (``quota_support.RedisServer``: freeze, thaw, kill) stopped on the way out."""
     import asyncio
 
+    from quota_support import RedisServer  # here, not at the top: quota_support imports the gateway
+
+    server = RedisServer(workdir, port)
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def wait_ready(url: str, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers 200 (a gateway process's /readyz)."""
     import aiohttp
 
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
+        async def ready() -> bool:
             try:
                 async with s.get(url) as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became ready")
+                return False
+
+        await eventually(ready, timeout, interval=0.1, message=f"{url} never became ready")
+
+
+# Ports handed out by free_port(), each kept bound by a socket of ours until the test process exits.
+_held_ports: dict[int, socket.socket] = {}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that nothing else can be handed for the rest of the test run.
+
+    Binding port 0 and closing the socket (the old way) let the OS give the same port to the next
+    caller, or to any process, before the test's server bound it. Here the port stays bound by a
+    socket this module keeps open, with SO_REUSEADDR and never listening. On Linux that means:
+
+    - connecting to it is refused until a server listens on it (a "dead upstream" stays dead);
+    - no bind of port 0, here or in another process, is given this port, and no plain bind gets it;
+    - the server a test starts on it can still bind it: asyncio/aiohttp (in-process or a gateway
+      subprocess, with or without SO_REUSEPORT) and redis-server all set SO_REUSEADDR, and Linux lets
+      SO_REUSEADDR sockets share a port as long as the other one is not listening.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    _held_ports[port] = s
+    return port
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, *, interval: float = 0.01,
+                     message: str | Callable[[], str] = "") -> Any:
+    """Wait until ``predicate()`` (sync, or returning an awaitable) is truthy and return its value.
+
+    For a test that waits on something another task or process does: it returns as soon as the
+    condition holds (not after a guessed sleep) and fails with ``message`` when ``timeout`` passes.
+    """
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout} s" + (f": {text}" if text else ""))
+        await asyncio.sleep(interval)  # the poll interval of this wait, not a clock
 
 
 async def raw_http(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:

@@ -10,8 +10,8 @@ import orjson
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from backends.base import BackendEnv
 from backends.http import HttpBackend, HttpBackendConfig
+from gateway.backend import BackendEnv
 from gateway.config import ServerConfig
 from gateway.metrics import Metrics
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind

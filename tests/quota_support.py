@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -17,12 +16,7 @@ import redis
 
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
 from gateway.policy.document import PolicyDocument, QuotaRule
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from harness import free_port  # noqa: F401  (re-exported: quota tests import it from here)
 
 
 def unique_prefix() -> str:
@@ -69,7 +63,7 @@ class RedisServer:
                     client.close()
                     return self
             except redis.RedisError:
-                time.sleep(0.05)
+                time.sleep(0.05)  # the poll interval of this wait on a condition, not a clock
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
     def freeze(self) -> None:

@@ -57,7 +57,7 @@ def test_a_writer_in_another_process_blocks_this_one(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from gateway.audit import AuditLog; "
-         "log = AuditLog(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(path)],
+         "log = AuditLog(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(path)],  # holds the lock until killed
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from audit_support import entries, new_key_file, rechain, verify_cli, write_lines
+from harness import eventually
 from gateway.audit import AuditLog, verify_log
 from gateway.audit.witness import locate
 
@@ -63,10 +64,12 @@ async def test_head_is_recorded_after_each_flush_while_running(tmp_path: Path, r
     try:
         for i in range(3):
             log.write({"request_id": f"r{i}"})
-        await asyncio.sleep(0.6)  # a few flush ticks
         client = redis.Redis.from_url(url.partition("#")[0])
-        record = orjson.loads(client.get(key))
-        client.close()
+        try:  # recorded within a few flush ticks
+            raw = await eventually(lambda: (r := client.get(key)) and orjson.loads(r)["seq"] == 3 and r, timeout=5)
+        finally:
+            client.close()
+        record = orjson.loads(raw)
         assert record["seq"] == 3
     finally:
         await log.close()
@@ -133,7 +136,7 @@ async def test_a_failing_witness_is_counted_and_the_log_goes_on(tmp_path: Path) 
     log = AuditLog(path, metrics, witness="redis://127.0.0.1:9/0")  # nothing listens on port 9
     await log.start()
     log.write({"request_id": "a"})
-    await asyncio.sleep(0.5)
+    await eventually(lambda: (metrics.registry.get_sample_value("maas_audit_witness_errors_total") or 0) >= 1)
     assert log.not_ready() is None  # a witness failure alone does not fail readiness
     await log.close()
     assert metrics.registry.get_sample_value("maas_audit_witness_errors_total") >= 1
@@ -150,8 +153,11 @@ def test_worker_files_get_their_own_witness(tmp_path: Path) -> None:
 
 
 async def test_a_hung_witness_never_delays_the_lines(tmp_path: Path) -> None:
+    connected = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(30)  # accepts, never answers
+        connected.set()
+        await asyncio.sleep(30)  # the thing under test: a witness that accepts and never answers
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -160,11 +166,12 @@ async def test_a_hung_witness_never_delays_the_lines(tmp_path: Path) -> None:
     try:
         await log.start()
         log.write({"request_id": "a"})
-        await asyncio.sleep(0.3)  # first flush; its witness call is now hanging
+        await eventually(lambda: connected.is_set() and path.exists() and len(path.read_bytes().splitlines()) == 1)
+        # the first flush is done and its witness call now hangs
         log.write({"request_id": "b"})
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.35)  # the thing under test: the loop keeps time while the witness hangs
         assert loop.time() - started < 0.5  # the event loop was never held
         assert len(path.read_bytes().splitlines()) == 2  # flushed while the witness hung
     finally:

@@ -21,8 +21,9 @@ from aiohttp import web
 
 from gateway.config import ServerConfig, load_config
 from gateway.errors import ConfigError
-from harness import (ALLOW_ANALYSTS, Keys, gateway_config, openai_model, start_gateway, start_upstream, v2_model,
-                     write_yaml)
+from certs import self_signed
+from harness import (ALLOW_ANALYSTS, Keys, eventually, gateway_config, openai_model, start_gateway, start_upstream,
+                     v2_model, write_yaml)
 
 BODY = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1],"data":[1.0]}]}'
 V2_PATH = "/v2/models/digits/infer"
@@ -106,10 +107,7 @@ async def served(url: str, keys: Keys) -> int:
 
 
 async def wait_for(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
+    await eventually(check, timeout, interval=0.02, message="condition never held")
 
 
 # Every test runs on both loops: ``serve`` runs on uvloop, whose transports pause and buffer on their own
@@ -224,7 +222,7 @@ async def test_slowloris_is_closed_at_the_deadline_although_bytes_keep_arriving(
             except OSError:
                 return
             dripped += 1
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the thing under test: a head dripped one byte at a time
 
     try:
         started = time.monotonic()
@@ -250,7 +248,7 @@ async def test_keep_alive_connections_next_head_has_its_own_deadline(tmp_path: P
     try:
         for _ in range(3):  # well-behaved requests on one connection, spread over more than one deadline
             assert (await exchange(sock, infer(keys)))[0] == 200
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the thing under test: idle gaps that add up past the head deadline
         started = time.monotonic()
         await send(sock, b"GET /v2 HTTP/1.1\r\nHost: x\r\n")  # then half a head on the same connection
         answer, closed = await until_closed(sock, 5)
@@ -269,12 +267,12 @@ async def test_a_head_split_across_reads_within_the_deadline_is_served(tmp_path:
         request = infer(keys)
         for i in range(0, 300, 60):
             await send(sock, request[i:i + 60])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the thing under test: a head in slow pieces, within the deadline
         assert (await exchange(sock, request[300:]))[0] == 200
         # pipelined: a whole request and the start of the next in one write; the rest arrives in time
         # (after a Content-Length body the next head's clock starts with its next read: see the module)
         await send(sock, request + request[:50])
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the thing under test: the rest of the next head comes late, yet in time
         status, _ = await exchange(sock, b"")
         assert status == 200
         assert (await exchange(sock, request[50:]))[0] == 200
@@ -305,7 +303,7 @@ async def test_half_a_head_pipelined_behind_a_request_gets_the_deadline(tmp_path
 
 async def test_the_head_deadline_never_applies_to_bodies_or_slow_answers(tmp_path: Path, keys: Keys) -> None:
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(0.8)  # the thing under test: an answer slower than the head deadline
         return web.json_response({"outputs": []})
 
     up = await start_upstream(slow)
@@ -317,7 +315,7 @@ async def test_the_head_deadline_never_applies_to_bodies_or_slow_answers(tmp_pat
         head_end = request.index(b"\r\n\r\n") + 4
         await send(sock, request[:head_end])
         for i in range(head_end, len(request), 25):  # a body trickling in for longer than the head deadline
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the thing under test: a trickling body
             await send(sock, request[i:i + 25])
         assert (await exchange(sock, b""))[0] == 200  # and an answer slower than it
         chunked_head = request[:head_end - 2].replace(b"Content-Length: %d\r\n" % len(BODY),
@@ -598,12 +596,12 @@ async def test_a_slow_reader_that_keeps_taking_is_not_dropped(tmp_path: Path, ke
     loop = asyncio.get_running_loop()
     try:
         await send(sock, infer(keys))
-        await asyncio.sleep(0.3)  # buffers fill: writing pauses
+        await asyncio.sleep(0.3)  # the thing under test: a client that reads nothing for a while (buffers fill)
         received = 0
         started = time.monotonic()
         while time.monotonic() - started < 2.0:  # a little at a time, each gap shorter than the deadline
             received += len(await asyncio.wait_for(loop.sock_recv(sock, 256 * 1024), 5))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the thing under test: a slow reader, each gap shorter than the deadline
         assert gw.running.connections.write_timeouts == 0
         while received < len(big):  # then at full speed: the whole answer arrives
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
@@ -617,29 +615,6 @@ async def test_a_slow_reader_that_keeps_taking_is_not_dropped(tmp_path: Path, ke
 
 # -- over TLS ----------------------------------------------------------------------------
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 async def test_over_tls_half_heads_get_the_deadline_and_stalled_readers_are_dropped(tmp_path: Path,
                                                                                   keys: Keys) -> None:
     big = b'{"outputs": [], "pad": "' + b"p" * 12_000_000 + b'"}'
@@ -648,7 +623,7 @@ async def test_over_tls_half_heads_get_the_deadline_and_stalled_readers_are_drop
         return web.Response(body=big, content_type="application/json")
 
     up = await start_upstream(large)
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "server", host="localhost")
     gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
                              server={"header_timeout_s": 0.5, "client_write_timeout_s": 1,
                                      "tls": {"cert_file": str(cert), "key_file": str(key)}})
@@ -681,7 +656,7 @@ async def test_a_tls_handshake_that_never_finishes_is_closed_at_the_head_deadlin
                                                                                    keys: Keys) -> None:
     """A TCP connection to a TLS port that never sends its ClientHello: asyncio would wait 60 s for it."""
     up = await start_upstream()
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "server", host="localhost")
     gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
                              server={"header_timeout_s": 0.5,
                                      "tls": {"cert_file": str(cert), "key_file": str(key)}})

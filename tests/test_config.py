@@ -104,11 +104,6 @@ def test_no_auth_is_refused(tmp_path: Path) -> None:
     assert "configure at least one of jwt, api_keys, mtls" in error(tmp_path, text)
 
 
-def test_unknown_backend_type(tmp_path: Path) -> None:
-    message = error(tmp_path, BASE.replace("type: http", "type: grpc"))
-    assert "models.chat.backend.type: unknown backend type 'grpc'" in message
-
-
 def test_duplicate_key_refused(tmp_path: Path) -> None:
     message = error(tmp_path, BASE.replace("  port: 8080", "  port: 8080\n  port: 8081"))
     assert "server.port: duplicate key" in message

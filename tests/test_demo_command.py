@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from harness import free_port
 
 REQUEST = json.loads((Path(__file__).parents[1] / "deploy" / "examples" / "digits_request.json").read_text())
 
 
+@pytest.mark.slow
 async def test_demo_prints_a_working_token_and_exits_0_on_sigterm() -> None:
     port, admin = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--port", str(port), "--admin-port", str(admin)],
@@ -41,7 +43,7 @@ async def test_demo_prints_a_working_token_and_exits_0_on_sigterm() -> None:
                             break
                 except aiohttp.ClientError:
                     pass
-                time.sleep(0.1)
+                time.sleep(0.1)  # the poll interval of this wait on a condition, not a clock
             async with s.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=REQUEST,
                               headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200, await r.text()

@@ -10,20 +10,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from harness import ALLOW_ANALYSTS, Keys, raw_http, start_gateway, start_upstream, v2_model
+from harness import ALLOW_ANALYSTS, Keys, gateway, raw_http, upstream, v2_model
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
 
 
 @pytest.fixture
 async def setup(tmp_path: Path, keys: Keys):
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"max_body_bytes": 4096})
-    async with aiohttp.ClientSession() as session:
+    async with upstream() as up, gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                         server={"max_body_bytes": 4096}) as gw, aiohttp.ClientSession() as session:
         yield gw, up, session
-    await gw.stop()
-    await up.stop()
 
 
 def assert_error_shape(body: dict, error_type: str) -> None:
@@ -176,10 +172,8 @@ async def test_chunked_oversized_body_cut_off(setup, keys: Keys) -> None:
 
 
 async def test_lying_content_length_times_out_cleanly(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"body_timeout_s": 0.5})
-    try:
+    async with upstream() as up, gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                         server={"body_timeout_s": 0.5}) as gw:
         port = int(gw.url.rsplit(":", 1)[1])
         raw = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nAuthorization: {keys.auth()['Authorization']}\r\n"
                f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"inputs\":").encode()
@@ -187,9 +181,6 @@ async def test_lying_content_length_times_out_cleanly(tmp_path: Path, keys: Keys
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b'"request_timeout"' in answer
         assert up.seen == []
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 async def test_malformed_http_gets_json_error(setup) -> None:
@@ -229,14 +220,12 @@ async def test_audit_line_per_request_without_secrets(setup, keys: Keys, tmp_pat
 
 async def test_upstream_errors_map_to_502_and_504(tmp_path: Path, keys: Keys) -> None:
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(3)
+        await asyncio.sleep(3)  # the thing under test: an upstream slower than the gateway's timeout
         return web.json_response({})
 
-    up = await start_upstream(slow)
-    gw = await start_gateway(tmp_path, keys, policy=ALLOW_ANALYSTS,
-                             models={"slow": v2_model(up.url, timeout_s=0.3),
-                                     "dead": v2_model("http://127.0.0.1:9", retries=0)})
-    try:
+    async with upstream(slow) as up, gateway(tmp_path, keys, policy=ALLOW_ANALYSTS,
+                                             models={"slow": v2_model(up.url, timeout_s=0.3),
+                                                     "dead": v2_model("http://127.0.0.1:9", retries=0)}) as gw:
         async with aiohttp.ClientSession() as s:
             r = await s.post(gw.url + "/v2/models/slow/infer", json=V2_BODY, headers=keys.auth())
             assert r.status == 504
@@ -244,9 +233,6 @@ async def test_upstream_errors_map_to_502_and_504(tmp_path: Path, keys: Keys) ->
             r = await s.post(gw.url + "/v2/models/dead/infer", json=V2_BODY, headers=keys.auth())
             assert r.status in (502, 503)
             assert_error_shape(await r.json(), "backend_error" if r.status == 502 else "unavailable")
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 async def test_an_upstream_cannot_set_the_request_id_or_a_second_content_type(tmp_path: Path, keys: Keys) -> None:
@@ -254,9 +240,8 @@ async def test_an_upstream_cannot_set_the_request_id_or_a_second_content_type(tm
         return web.Response(body=b'{"outputs": []}', content_type="application/json",
                             headers={"X-Request-ID": "upstream-id", "X-Model-Version": "7"})
 
-    up = await start_upstream(answer)
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
-    try:
+    async with upstream(answer) as up, gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
+                                               policy=ALLOW_ANALYSTS) as gw:
         async with aiohttp.ClientSession() as s:
             r = await s.post(gw.url + "/v2/models/digits/infer", json=V2_BODY,
                              headers={**keys.auth("alice"), "X-Request-ID": "abc-123"})
@@ -264,6 +249,3 @@ async def test_an_upstream_cannot_set_the_request_id_or_a_second_content_type(tm
             assert r.headers.getall("X-Request-ID") == ["abc-123"]
             assert r.headers.getall("Content-Type") == ["application/json"]
             assert r.headers["X-Model-Version"] == "7"
-    finally:
-        await gw.stop()
-        await up.stop()

@@ -11,13 +11,12 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from harness import start_upstream
-from http_helpers import RawServer, make_backend, make_ctx, read_request_head
+from http_helpers import make_backend, make_ctx
+from upstreams import config_error_line, http_config, infer_failure, running, writes_then_hangs_up
 
-from backends.http import HttpBackendConfig
-from gateway.errors import BackendError, BackendTimeout, ConfigError, InvalidRequest, Unavailable
+from gateway.errors import BackendError, BackendTimeout, InvalidRequest, Unavailable
 from gateway.metrics import Metrics
 from gateway.pipeline import RouteKind
-from gateway.typedyaml import build, loads
 
 INFER = "/v2/models/digits/infer"
 
@@ -32,13 +31,8 @@ async def upstream():
 # -- configuration ---------------------------------------------------------------
 
 
-def _config(text: str) -> HttpBackendConfig:
-    data, source = loads(text, file="gw.yaml")
-    return build(HttpBackendConfig, data, "models.m.backend", source)
-
-
 def test_config_builds_with_defaults() -> None:
-    config = _config("type: http\nprotocol: openai\nupstreams: [http://127.0.0.1:8000]\n")
+    config = http_config("type: http\nprotocol: openai\nupstreams: [http://127.0.0.1:8000]\n")
     assert config.retries == 1 and config.eject_after_failures == 3 and config.timeout_s is None
     assert config.tls_verify is True and config.headers == {}
 
@@ -64,10 +58,8 @@ def test_config_builds_with_defaults() -> None:
     ],
 )
 def test_config_mistakes_are_one_line_errors(text: str, where: str, message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        _config(text)
-    line = str(info.value)
-    assert "\n" not in line and line.startswith("gw.yaml:")
+    line = config_error_line(text)
+    assert line.startswith("gw.yaml:")
     assert where in line and message in line
 
 
@@ -93,15 +85,10 @@ async def test_v2_infer_forwards_path_query_and_validated_body() -> None:
         return web.json_response({"target": request.raw_path, "outputs": []})
 
     upstream = await start_upstream(echo)
-    backend = make_backend([upstream.url])
-    await backend.start()
-    try:
+    async with running([upstream.url], upstream) as (backend, _):
         ctx = make_ctx(RouteKind.V2_INFER, INFER, query="trace=1&x=%2A%26", body=b'{"inputs": [ ]}',
                        forward_body=b'{"inputs":[]}', headers=[("Content-Type", "application/json")])
         response = await backend.handle(ctx)
-    finally:
-        await backend.close()
-        await upstream.stop()
     seen = upstream.seen[-1]
     assert (seen.method, seen.path) == ("POST", INFER)
     assert seen.body == b'{"inputs":[]}'  # forward_body wins over the received body
@@ -113,37 +100,25 @@ async def test_v2_infer_forwards_path_query_and_validated_body() -> None:
 
 
 async def test_an_identity_header_that_would_split_the_request_is_400_and_nothing_is_sent(upstream) -> None:
-    backend = make_backend([upstream.url])
-    await backend.start()
-    try:
+    async with running([upstream.url]) as (backend, _):
         ctx = make_ctx(RouteKind.V2_INFER, INFER, body=b"{}", subject="alice\r\nX-Maas-Roles: admin")
         with pytest.raises(InvalidRequest, match="control character"):
             await backend.handle(ctx)
         assert backend.upstreams[0].in_rotation and backend.upstreams[0].failures == 0  # no verdict on it
-    finally:
-        await backend.close()
     assert upstream.seen == []
 
 
 async def test_body_is_forwarded_when_no_forward_body(upstream) -> None:
-    backend = make_backend([upstream.url])
-    await backend.start()
-    try:
+    async with running([upstream.url]) as (backend, _):
         await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, body=b'{"inputs":[1]}'))
-    finally:
-        await backend.close()
     assert upstream.seen[-1].body == b'{"inputs":[1]}'
 
 
 @pytest.mark.parametrize(("kind", "path"), [(RouteKind.V2_METADATA, "/v2/models/digits"),
                                             (RouteKind.V2_READY, "/v2/models/digits/ready")])
 async def test_v2_reads_are_gets_on_the_same_path(upstream, kind: RouteKind, path: str) -> None:
-    backend = make_backend([upstream.url])
-    await backend.start()
-    try:
+    async with running([upstream.url]) as (backend, _):
         response = await backend.handle(make_ctx(kind, path))
-    finally:
-        await backend.close()
     seen = upstream.seen[-1]
     assert (seen.method, seen.path, seen.body) == ("GET", path, b"")
     assert "Content-Length" not in seen.headers or seen.headers["Content-Length"] == "0"
@@ -151,13 +126,9 @@ async def test_v2_reads_are_gets_on_the_same_path(upstream, kind: RouteKind, pat
 
 
 async def test_v2_model_name_rewrites_the_path_segment(upstream) -> None:
-    backend = make_backend([upstream.url], model_name="digits-v3")
-    await backend.start()
-    try:
+    async with running([upstream.url], model_name="digits-v3") as (backend, _):
         await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={"inputs": []}))
         await backend.handle(make_ctx(RouteKind.V2_METADATA, "/v2/models/digits"))
-    finally:
-        await backend.close()
     assert [s.path for s in upstream.seen] == ["/v2/models/digits-v3/infer", "/v2/models/digits-v3"]
 
 
@@ -178,13 +149,9 @@ async def test_openai_forwards_same_path_and_reads_usage(upstream) -> None:
 
 
 async def test_openai_model_name_rewrites_the_body(upstream) -> None:
-    backend = make_backend([upstream.url], protocol="openai", name="chat", model_name="meta-llama/Llama-3-8B")
-    await backend.start()
-    try:
+    async with running([upstream.url], protocol="openai", name="chat", model_name="meta-llama/Llama-3-8B") as (backend, _):
         await backend.handle(make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat",
                                       json={"model": "chat", "messages": []}))
-    finally:
-        await backend.close()
     assert orjson.loads(upstream.seen[-1].body) == {"model": "meta-llama/Llama-3-8B", "messages": []}
 
 
@@ -193,25 +160,16 @@ async def test_openai_usage_absent_or_garbage_leaves_none() -> None:
         return web.Response(body=b'{"usage": "lots"', content_type="application/json")
 
     up = await start_upstream(odd)
-    backend = make_backend([up.url], protocol="openai")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/completions", json={"model": "m", "prompt": "x"})
         response = await backend.handle(ctx)
-    finally:
-        await backend.close()
-        await up.stop()
     assert response.body == b'{"usage": "lots"' and ctx.llm_usage_tokens is None
 
 
 async def test_raw_forwards_path_and_query_as_is(upstream) -> None:
-    backend = make_backend([upstream.url], protocol="raw", paths=["/predict"], name="legacy")
-    await backend.start()
-    try:
+    async with running([upstream.url], protocol="raw", paths=["/predict"], name="legacy") as (backend, _):
         response = await backend.handle(make_ctx(RouteKind.RAW, "/predict", model="legacy", query="v=2&q=a%20b",
                                                  body=b"\x00\x01binary"))
-    finally:
-        await backend.close()
     seen = upstream.seen[-1]
     assert (seen.path, seen.query, seen.body) == ("/predict", "v=2&q=a b", b"\x00\x01binary")
     assert "Content-Type" not in seen.headers  # no made-up content type
@@ -220,13 +178,8 @@ async def test_raw_forwards_path_and_query_as_is(upstream) -> None:
 
 async def test_upstream_base_path_prefix_is_kept() -> None:
     up = await start_upstream()
-    backend = make_backend([up.url + "/serving/"])
-    await backend.start()
-    try:
+    async with running([up.url + "/serving/"], up) as (backend, _):
         await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await up.stop()
     assert up.seen[-1].path == "/serving" + INFER
 
 
@@ -239,13 +192,8 @@ async def test_upstream_5xx_is_passed_through_and_counted() -> None:
 
     up = await start_upstream(broken)
     metrics = Metrics()
-    backend = make_backend([up.url], metrics=metrics, eject_after_failures=5)
-    await backend.start()
-    try:
+    async with running([up.url], up, metrics=metrics, eject_after_failures=5) as (backend, _):
         response = await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await up.stop()
     assert response.status == 503 and orjson.loads(response.body) == {"error": "model crashed"}
     assert ("Retry-After", "3") in response.headers
     assert metrics.registry.get_sample_value(
@@ -263,13 +211,8 @@ async def test_response_headers_lose_hop_by_hop_and_keep_repeated_ones() -> None
         return response
 
     up = await start_upstream(handler)
-    backend = make_backend([up.url])
-    await backend.start()
-    try:
+    async with running([up.url], up) as (backend, _):
         response = await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await up.stop()
     headers = CIMultiDict(response.headers)
     for gone in ("Connection", "X-Hop", "Keep-Alive", "Content-Length", "Transfer-Encoding", "X-Request-ID"):
         assert gone not in headers, gone
@@ -285,14 +228,9 @@ async def test_upstream_cookies_never_reach_another_request() -> None:
         return response
 
     up = await start_upstream(handler)
-    backend = make_backend([up.url])
-    await backend.start()
-    try:
+    async with running([up.url], up) as (backend, _):
         await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}, subject="one"))
         await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}, subject="two"))
-    finally:
-        await backend.close()
-        await up.stop()
     assert "Cookie" not in up.seen[1].headers
 
 
@@ -306,14 +244,9 @@ async def test_client_accept_encoding_never_reaches_upstream() -> None:
         return web.json_response({"outputs": []})
 
     up = await start_upstream(handler)
-    backend = make_backend([up.url])
-    await backend.start()
-    try:
+    async with running([up.url], up) as (backend, _):
         packed = await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={},
                                                headers=[("Accept-Encoding", "gzip")]))
-    finally:
-        await backend.close()
-        await up.stop()
     assert "Accept-Encoding" not in up.seen[0].headers
     assert packed.body == b'{"outputs": []}' and "Content-Encoding" not in packed.headers
 
@@ -325,68 +258,26 @@ async def test_closed_port_is_502_without_internal_names() -> None:
     from harness import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    backend = make_backend([url], retries=0)
-    await backend.start()
-    try:
+    async with running([url], retries=0) as (backend, _):
         with pytest.raises(BackendError) as info:
             await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
     assert info.value.status == 502 and info.value.message == "upstream connection failed"
     assert "127.0.0.1" not in str(info.value)
 
 
 async def test_upstream_closing_mid_headers_is_502() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-")
-        await writer.drain()
-
-    server = RawServer(script)
-    backend = make_backend([await server.start()], retries=0)
-    await backend.start()
-    try:
-        with pytest.raises(BackendError) as info:
-            await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await server.stop()
-    assert info.value.status == 502
+    error = await infer_failure(writes_then_hangs_up(b"HTTP/1.1 200 OK\r\nContent-"), BackendError, retries=0)
+    assert error.status == 502
 
 
 async def test_invalid_http_from_upstream_is_502() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(b"SURPRISE\r\n\r\nnot http at all")
-        await writer.drain()
-
-    server = RawServer(script)
-    backend = make_backend([await server.start()], retries=0)
-    await backend.start()
-    try:
-        with pytest.raises(BackendError) as info:
-            await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await server.stop()
-    assert info.value.message == "upstream sent an invalid response"
+    error = await infer_failure(writes_then_hangs_up(b"SURPRISE\r\n\r\nnot http at all"), BackendError, retries=0)
+    assert error.message == "upstream sent an invalid response"
 
 
 async def test_body_cut_short_is_502() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"outp")
-        await writer.drain()
-
-    server = RawServer(script)
-    backend = make_backend([await server.start()], retries=0)
-    await backend.start()
-    try:
-        with pytest.raises(BackendError):
-            await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await server.stop()
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"outp"
+    await infer_failure(writes_then_hangs_up(cut), BackendError, retries=0)
 
 
 async def test_slow_upstream_is_504() -> None:
@@ -415,21 +306,8 @@ async def test_slow_upstream_is_504() -> None:
 
 
 async def test_upstream_stalling_mid_body_is_504() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
-        await writer.drain()
-        await asyncio.sleep(3)
-
-    server = RawServer(script)
-    backend = make_backend([await server.start()], timeout_s=0.3)
-    await backend.start()
-    try:
-        with pytest.raises(BackendTimeout):
-            await backend.handle(make_ctx(RouteKind.V2_INFER, INFER, json={}))
-    finally:
-        await backend.close()
-        await server.stop()
+    stall = writes_then_hangs_up(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", linger_s=3)
+    await infer_failure(stall, BackendTimeout, timeout_s=0.3)
 
 
 async def test_timeout_defaults_to_the_server_setting(upstream) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
 from aiohttp import web
-from harness import free_port, start_upstream
+from harness import eventually, free_port, start_upstream
 from http_helpers import RawServer, make_backend, make_ctx, read_request_head
+from upstreams import running
 
 from gateway.errors import BackendError, BackendTimeout
 from gateway.metrics import Metrics
@@ -23,23 +23,14 @@ def infer_ctx():
 
 
 async def wait_until(condition, timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+    await eventually(condition, timeout_s, interval=0.02, message="condition not reached in time")
 
 
 async def test_round_robin_spreads_requests_evenly() -> None:
     a, b = await start_upstream(), await start_upstream()
-    backend = make_backend([a.url, b.url])
-    await backend.start()
-    try:
+    async with running([a.url, b.url], a, b) as (backend, _):
         for _ in range(10):
             assert (await backend.handle(infer_ctx())).status == 200
-    finally:
-        await backend.close()
-        await a.stop()
-        await b.stop()
     assert (len(a.seen), len(b.seen)) == (5, 5)
 
 
@@ -48,11 +39,8 @@ async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
     dead_port = free_port()
     dead_url = f"http://127.0.0.1:{dead_port}"
     metrics = Metrics()
-    backend = make_backend([live.url, dead_url], retries=0, eject_after_failures=2, eject_for_s=0.4,
-                           metrics=metrics)
-    await backend.start()
-    revived = None
-    try:
+    async with running([live.url, dead_url], live, retries=0, eject_after_failures=2, eject_for_s=0.4,
+                       metrics=metrics) as (backend, started):
         outcomes = Counter()
         for _ in range(8):
             try:
@@ -70,41 +58,32 @@ async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
         assert backend.ready()
 
         revived = await start_upstream(port=dead_port)
+        started.append(revived)
         for _ in range(4):  # still ejected: the revived server gets nothing yet
             await backend.handle(infer_ctx())
         assert revived.seen == []
-        await asyncio.sleep(0.45)
+        await asyncio.sleep(0.45)  # the thing under test: eject_for_s (0.4 s) runs out
         for _ in range(4):
             await backend.handle(infer_ctx())
         assert len(revived.seen) >= 2  # the trial request, then its share of the rotation
         assert dead.in_rotation
         assert metrics.registry.get_sample_value("maas_upstream_healthy", healthy) == 1
-    finally:
-        await backend.close()
-        await live.stop()
-        if revived is not None:
-            await revived.stop()
 
 
 async def test_failed_trial_ejects_again() -> None:
     live = await start_upstream()
     dead_url = f"http://127.0.0.1:{free_port()}"
-    backend = make_backend([dead_url, live.url], retries=0, eject_after_failures=1, eject_for_s=0.2)
-    await backend.start()
-    try:
+    async with running([dead_url, live.url], live, retries=0, eject_after_failures=1, eject_for_s=0.2) as (backend, _):
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
         dead = backend.upstreams[0]
         assert not dead.in_rotation
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # the thing under test: eject_for_s (0.2 s) runs out
         with pytest.raises(BackendError):  # the trial request goes to the dead one and fails
             await backend.handle(infer_ctx())
         for _ in range(3):  # ejected again at once: no second trial
             assert (await backend.handle(infer_ctx())).status == 200
         assert not dead.in_rotation
-    finally:
-        await backend.close()
-        await live.stop()
 
 
 async def test_503_answers_count_towards_ejection() -> None:
@@ -112,14 +91,8 @@ async def test_503_answers_count_towards_ejection() -> None:
         return web.Response(status=503, text="overloaded")
 
     bad, good = await start_upstream(sick), await start_upstream()
-    backend = make_backend([bad.url, good.url], eject_after_failures=2, eject_for_s=30)
-    await backend.start()
-    try:
+    async with running([bad.url, good.url], bad, good, eject_after_failures=2, eject_for_s=30) as (backend, _):
         statuses = [(await backend.handle(infer_ctx())).status for _ in range(8)]
-    finally:
-        await backend.close()
-        await bad.stop()
-        await good.stop()
     assert statuses.count(503) == 2 and len(bad.seen) == 2
     assert not backend.upstreams[0].in_rotation
 
@@ -133,63 +106,42 @@ async def test_success_resets_the_failure_count() -> None:
         return web.Response(status=502 if flaky_calls % 2 else 200)
 
     up = await start_upstream(flaky)
-    backend = make_backend([up.url], eject_after_failures=2)
-    await backend.start()
-    try:
+    async with running([up.url], up, eject_after_failures=2) as (backend, _):
         for _ in range(6):  # fail, ok, fail, ok...: never two in a row
             await backend.handle(infer_ctx())
-    finally:
-        await backend.close()
-        await up.stop()
     assert backend.upstreams[0].in_rotation
 
 
 async def test_all_ejected_is_panic_routed_never_503() -> None:
     port = free_port()
-    backend = make_backend([f"http://127.0.0.1:{port}"], retries=0, eject_after_failures=1, eject_for_s=30,
-                           max_ejection_percent=100)
-    await backend.start()
-    revived = None
-    try:
+    async with running([f"http://127.0.0.1:{port}"], retries=0, eject_after_failures=1, eject_for_s=30,
+                       max_ejection_percent=100) as (backend, started):
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
         assert not backend.upstreams[0].in_rotation and not backend.ready()
         with pytest.raises(BackendError):  # tried anyway (panic routing): still down, so 502, not 503
             await backend.handle(infer_ctx())
         revived = await start_upstream(port=port)
+        started.append(revived)
         # long before eject_for_s runs out, the very next request reaches the recovered upstream
         assert (await backend.handle(infer_ctx())).status == 200
         assert backend.upstreams[0].in_rotation and backend.ready()
-    finally:
-        await backend.close()
-        if revived is not None:
-            await revived.stop()
 
 
 async def test_connect_refused_is_retried_on_the_other_upstream() -> None:
     live = await start_upstream()
     dead_url = f"http://127.0.0.1:{free_port()}"
-    backend = make_backend([dead_url, live.url], retries=1, eject_after_failures=100)
-    await backend.start()
-    try:
+    async with running([dead_url, live.url], live, retries=1, eject_after_failures=100) as (backend, _):
         for _ in range(6):  # POSTs too: a refused connection never received a byte
             assert (await backend.handle(infer_ctx())).status == 200
-    finally:
-        await backend.close()
-        await live.stop()
     assert len(live.seen) == 6
 
 
 async def test_retries_zero_means_no_retry() -> None:
     live = await start_upstream()
-    backend = make_backend([f"http://127.0.0.1:{free_port()}", live.url], retries=0)
-    await backend.start()
-    try:
+    async with running([f"http://127.0.0.1:{free_port()}", live.url], live, retries=0) as (backend, _):
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
-    finally:
-        await backend.close()
-        await live.stop()
     assert live.seen == []
 
 
@@ -223,29 +175,17 @@ def _hang_up_after_request():
 async def test_post_is_not_retried_after_the_upstream_hung_up() -> None:
     rude = RawServer(_hang_up_after_request())
     good = await start_upstream()
-    backend = make_backend([await rude.start(), good.url], retries=1)
-    await backend.start()
-    try:
+    async with running([await rude.start(), good.url], rude, good, retries=1) as (backend, _):
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
-    finally:
-        await backend.close()
-        await rude.stop()
-        await good.stop()
     assert rude.connections >= 1 and good.seen == []
 
 
 async def test_get_is_retried_after_the_upstream_hung_up() -> None:
     rude = RawServer(_hang_up_after_request())
     good = await start_upstream()
-    backend = make_backend([await rude.start(), good.url], retries=1)
-    await backend.start()
-    try:
+    async with running([await rude.start(), good.url], rude, good, retries=1) as (backend, _):
         response = await backend.handle(make_ctx(RouteKind.V2_METADATA, "/v2/models/digits"))
-    finally:
-        await backend.close()
-        await rude.stop()
-        await good.stop()
     assert response.status == 200 and len(good.seen) == 1
 
 
@@ -258,10 +198,8 @@ async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
         return web.Response(status=503)
 
     up = await start_upstream(handler)
-    backend = make_backend([up.url], eject_after_failures=1, eject_for_s=0.1, health_path="/health",
-                           headers={"Authorization": "Bearer upstream-secret"}, max_ejection_percent=100)
-    await backend.start()
-    try:
+    async with running([up.url], up, eject_after_failures=1, eject_for_s=0.1, health_path="/health",
+                       headers={"Authorization": "Bearer upstream-secret"}, max_ejection_percent=100) as (backend, _):
         await backend.handle(infer_ctx())  # 503: ejected
         assert not backend.upstreams[0].in_rotation
         assert not backend.ready()
@@ -269,14 +207,11 @@ async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
         assert (await backend.handle(infer_ctx())).status == 503
         assert not backend.upstreams[0].in_rotation
         await wait_until(lambda: any(s.path == "/health" for s in up.seen))
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # a window for a readmission that must not come (probes answer 503)
         assert not backend.upstreams[0].in_rotation  # probes answered 503
         healthy = True
         await wait_until(lambda: backend.upstreams[0].in_rotation)
         assert backend.ready()
-    finally:
-        await backend.close()
-        await up.stop()
     probes = [s for s in up.seen if s.path == "/health"]
     assert len(probes) >= 2 and all(s.method == "GET" for s in probes)
     assert probes[0].headers["Authorization"] == "Bearer upstream-secret"
@@ -285,16 +220,11 @@ async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
 async def test_each_retry_goes_to_an_upstream_not_yet_tried() -> None:
     live = await start_upstream()
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
-    backend = make_backend([*dead, live.url], retries=2, eject_after_failures=100)
-    await backend.start()
-    try:
+    async with running([*dead, live.url], live, retries=2, eject_after_failures=100) as (backend, _):
         assert (await backend.handle(infer_ctx())).status == 200  # dead, dead, live
         with pytest.raises(BackendError):  # one retry only: dead, dead
             backend._retries = 1
             backend._pool._next = 0
             await backend.handle(infer_ctx())
-    finally:
-        await backend.close()
-        await live.stop()
     assert len(live.seen) == 1
     assert [u.failures for u in backend.upstreams[:2]] == [2, 2]

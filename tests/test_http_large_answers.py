@@ -16,8 +16,9 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from harness import ALLOW_ANALYSTS, openai_model, start_gateway, start_upstream, v2_model
-from http_helpers import RawServer, make_backend, make_ctx, read_request_head
+from harness import ALLOW_ANALYSTS, eventually, openai_model, start_gateway, start_upstream, v2_model
+from http_helpers import RawServer, make_ctx, read_request_head
+from upstreams import running, trickle
 
 from gateway.errors import BackendTimeout
 from gateway.pipeline import RouteKind
@@ -151,25 +152,12 @@ async def test_64_mib_plus_one_under_the_default_cap_is_502(tmp_path, keys, decl
 
 async def test_a_body_that_trickles_past_the_timeout_is_504() -> None:
     """Never silent for timeout_s, never finished: the whole-body deadline ends it."""
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n")
-        for _ in range(100):
-            writer.write(b"x")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    server = RawServer(script)
-    backend = make_backend([await server.start()], timeout_s=0.5)
-    await backend.start()
+    server = RawServer(trickle(read_request_head, 500))
     started = time.monotonic()
-    try:
+    async with running([await server.start()], server, timeout_s=0.5) as (backend, _):
         with pytest.raises(BackendTimeout):
             await backend.handle(make_ctx(RouteKind.V2_INFER, "/v2/models/digits/infer", json={}))
         assert time.monotonic() - started < 3
-    finally:
-        await backend.close()
-        await server.stop()
 
 
 async def test_a_stream_longer_than_max_stream_s_ends_cleanly(tmp_path, keys) -> None:
@@ -179,7 +167,7 @@ async def test_a_stream_longer_than_max_stream_s_ends_cleanly(tmp_path, keys) ->
         try:
             for i in range(200):
                 await response.write(b"data: {\"n\": %d}\n\n" % i)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the thing under test: a long, paced stream
         except (ConnectionError, RuntimeError):
             pass
         return response
@@ -198,8 +186,7 @@ async def test_a_stream_longer_than_max_stream_s_ends_cleanly(tmp_path, keys) ->
             elapsed = time.monotonic() - started
         assert 0.5 < elapsed < 5
         assert body.startswith(b'data: {"n": 0}\n\n') and body.count(b"data:") >= 3
-        await asyncio.sleep(0.1)
-        assert gw.gateway.backends["emb"]._client._open == 0  # the upstream connection was discarded
+        await eventually(lambda: gw.gateway.backends["emb"]._client._open == 0)  # the upstream connection was discarded
     finally:
         await gw.stop()
         await up.stop()

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from harness import start_upstream
 from http_helpers import RawServer, make_backend, make_ctx, read_all, read_request_head
+from upstreams import running
 
 from backends.http.relay import STREAM_ERROR_KEY
 from gateway.errors import BackendError
@@ -37,7 +38,7 @@ def sse_upstream(parts: list[bytes], *, gap_s: float = 0.0, sent_at: list[float]
         await response.prepare(request)
         for i, part in enumerate(parts):
             if i and gap_s:
-                await asyncio.sleep(gap_s)
+                await asyncio.sleep(gap_s)  # the thing under test: a slow stream
             if sent_at is not None:
                 sent_at.append(time.monotonic())
             await response.write(part)
@@ -79,15 +80,10 @@ async def test_openai_stream_asks_for_usage_and_reads_it() -> None:
     # split at awkward places, mid-line and mid-JSON, to exercise the line reassembly
     parts = [body[:7], body[7:40], body[40:41], body[41:120], body[120:]]
     up = await start_upstream(sse_upstream(parts, gap_s=0.01))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai", name="chat") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, model="chat",
                        json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         relayed = await read_all(await backend.handle(ctx))
-    finally:
-        await backend.close()
-        await up.stop()
     forwarded = orjson.loads(up.seen[-1].body)
     assert forwarded["stream_options"] == {"include_usage": True}
     assert forwarded["messages"] == [{"role": "user", "content": "hi"}]
@@ -97,16 +93,11 @@ async def test_openai_stream_asks_for_usage_and_reads_it() -> None:
 
 async def test_client_stream_options_are_kept_and_usage_always_asked() -> None:
     up = await start_upstream(sse_upstream([sse(chunk("x")), b"data: [DONE]\n\n"]))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai", name="chat") as (backend, _):
         for options in ({"include_usage": False}, {"include_usage": True, "extra": 1}, {"other": 2}):
             ctx = make_ctx(RouteKind.OPENAI, CHAT, model="chat",
                            json={"model": "chat", "stream": True, "stream_options": options, "messages": []})
             await read_all(await backend.handle(ctx))
-    finally:
-        await backend.close()
-        await up.stop()
     sent = [orjson.loads(s.body)["stream_options"] for s in up.seen]
     assert sent == [{"include_usage": True}, {"include_usage": True, "extra": 1},
                     {"other": 2, "include_usage": True}]
@@ -116,14 +107,9 @@ async def test_completions_stream_counts_text() -> None:
     parts = [sse({"choices": [{"index": 0, "text": "abc"}]}), sse({"choices": [{"index": 0, "text": "de"}]}),
              b"data: [DONE]\n\n"]
     up = await start_upstream(sse_upstream(parts))
-    backend = make_backend([up.url], protocol="openai")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/completions", json={"model": "m", "prompt": "p", "stream": True})
         await read_all(await backend.handle(ctx))
-    finally:
-        await backend.close()
-        await up.stop()
     assert ctx.llm_answered and ctx.llm_usage_tokens is None  # no usage: charged its whole reservation
 
 
@@ -132,15 +118,10 @@ async def test_garbage_in_the_stream_never_breaks_the_relay() -> None:
              b"data: {\"choices\": [{\"delta\": {\"content\": 7}}], \"usage\": {\"total_tokens\": \"many\"}}\n\n",
              b"x" * 2_000_000, b"\n\n", sse(chunk("ok")), b"data: {\"usage\": {\"total_tokens\": 3}}"]
     up = await start_upstream(sse_upstream(parts))
-    backend = make_backend([up.url], protocol="openai")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": [],
                                                      "stream_options": {"include_usage": True}})
         relayed = await read_all(await backend.handle(ctx))
-    finally:
-        await backend.close()
-        await up.stop()
     assert relayed == b"".join(parts)
     assert ctx.llm_usage_tokens == 3  # the last line had no newline: read at end of stream
 
@@ -149,18 +130,13 @@ async def test_event_stream_answer_to_a_raw_request_is_streamed() -> None:
     sent_at: list[float] = []
     parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
     up = await start_upstream(sse_upstream(parts, gap_s=0.15, sent_at=sent_at))
-    backend = make_backend([up.url], protocol="raw", paths=["/generate_stream"])
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="raw", paths=["/generate_stream"]) as (backend, _):
         ctx = make_ctx(RouteKind.RAW, "/generate_stream", body=b'{"inputs": "x"}')
         response = await backend.handle(ctx)
         assert response.stream is not None
         first = await response.stream.__anext__()
         first_at = time.monotonic()
         rest = await read_all(response)
-    finally:
-        await backend.close()
-        await up.stop()
     assert first + rest == b"".join(parts)
     assert first_at < sent_at[-1] - 0.1
     assert ctx.llm_usage_tokens is None and not ctx.llm_answered  # raw streams are relayed, not scanned
@@ -183,18 +159,13 @@ async def test_upstream_dying_mid_stream_cuts_the_relay() -> None:
         payload = sse(chunk("partial"))
         writer.write(b"%x\r\n%s\r\n" % (len(payload), payload))
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the thing under test: the stream breaks a moment after the first event
         writer.transport.abort()
 
     server = RawServer(script)
-    backend = make_backend([await server.start()], protocol="openai", eject_after_failures=5)
-    await backend.start()
-    try:
+    async with running([await server.start()], server, protocol="openai", eject_after_failures=5) as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
         relayed, error = await _relay_until_error(await backend.handle(ctx))
-    finally:
-        await backend.close()
-        await server.stop()
     assert relayed == sse(chunk("partial"))
     # an error, not a clean end: the writer cuts the client connection so truncation is visible
     assert isinstance(error, BackendError) and "127.0.0.1" not in str(error)
@@ -238,15 +209,13 @@ async def test_releasing_early_frees_the_upstream() -> None:
         try:
             while True:
                 await response.write(sse(chunk("x")))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # the thing under test: an endless, paced stream
         except (ConnectionResetError, asyncio.CancelledError):
             cancelled.set()
             raise
 
     up = await start_upstream(endless)
-    backend = make_backend([up.url], protocol="openai")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
         response = await backend.handle(ctx)
         await response.stream.__anext__()
@@ -257,9 +226,6 @@ async def test_releasing_early_frees_the_upstream() -> None:
             callback(ctx)
         with pytest.raises(StopAsyncIteration):
             await response.stream.__anext__()
-    finally:
-        await backend.close()
-        await up.stop()
 
 
 # -- end to end: the official openai client through the real gateway ----------------
@@ -284,7 +250,7 @@ async def fake_openai(request: web.Request) -> web.StreamResponse:
     for i, piece in enumerate(text):
         delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
         await response.write(sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # a model that streams at a pace (events arrive separately)
     await response.write(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     if (doc.get("stream_options") or {}).get("include_usage"):
         await response.write(sse({**base, "choices": [],
@@ -331,13 +297,8 @@ async def test_json_error_to_a_stream_request_is_read_whole() -> None:
         return web.json_response({"error": {"message": "context too long"}}, status=400)
 
     up = await start_upstream(refuse)
-    backend = make_backend([up.url], protocol="openai")
-    await backend.start()
-    try:
+    async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
         response = await backend.handle(ctx)
-    finally:
-        await backend.close()
-        await up.stop()
     assert response.status == 400 and response.stream is None
     assert orjson.loads(response.body) == {"error": {"message": "context too long"}}

@@ -166,12 +166,13 @@ def test_raw_paths_without_schema_take_any_body(document: dict[str, Any]) -> Non
         "$ref": "#/components/schemas/model.legacy"}
 
 
-def test_torch_models_speak_v2(tmp_path: Path) -> None:
-    from gateway.config import ModelConfig
-    from gateway.typedyaml import Section, Source
+def test_torch_models_speak_v2(tmp_path: Path, keys: Keys) -> None:
+    from gateway.plugins import backends_for
 
-    torch = ModelConfig(backend=Section({"type": "torch"}, "models.d.backend", Source("x.yaml")))
-    assert openapi.protocol_of(torch) == "v2"
+    torch = {"backend": {"type": "torch", "path": "digits.safetensors"}}
+    config = load_config(write_config(tmp_path, keys, d=torch))
+    assert openapi.protocol_of(backends_for(config)["d"]) == "v2"
+    assert "/v2/models/d/infer" in openapi.build_document(config)["paths"]
 
 
 def test_model_names_that_are_not_component_names(tmp_path: Path, keys: Keys) -> None:

@@ -248,7 +248,8 @@ def test_shadow_outcomes_survive_the_cache(tmp_path: Path) -> None:
 
 
 def identity(sub: str = "u", roles: tuple[str, ...] = ("a",), **claims: Any) -> Identity:
-    return Identity(sub, roles, {"sub": sub, "roles": list(roles), **claims}, "jwt")
+    # the key names the subject only, so callers that differ in claims share it: the memo must still tell them apart
+    return Identity(sub, roles, {"sub": sub, "roles": list(roles), **claims}, "jwt", cache_key=f"test:{sub}")
 
 
 def test_the_same_identity_object_reuses_its_decision(tmp_path: Path) -> None:
@@ -260,7 +261,10 @@ def test_the_same_identity_object_reuses_its_decision(tmp_path: Path) -> None:
         assert e.decide_for(caller, "digits", None, "infer", lambda: built.append(1) or {}).allowed
     assert built == [1]  # request attributes built once, for the one evaluation
     assert metrics.registry.get_sample_value("maas_policy_cache_total", {"result": "hit"}) == 2
-    # another object with the same subject but a different claim is decided on its own claims
+    # an equal identity built afresh (mTLS builds one per request) finds it too: no request attributes built
+    assert e.decide_for(identity(clearance=5), "digits", None, "infer", lambda: built.append(1) or {}).allowed
+    assert built == [1]
+    # another object with the same subject (and cache key) but a different claim is decided on its own claims
     assert not e.decide_for(identity(clearance=1), "digits", None, "infer", dict).allowed
     assert e.decide_for(caller, "digits", None, "read", dict).allowed  # action is part of the key
 

@@ -14,6 +14,7 @@ from gateway.config import PolicyConfig
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.policy.store import PolicyStore
+from harness import eventually
 
 OPEN = {"rules": [{"id": "analysts-all", "roles": ["analyst"], "effect": "allow"}]}
 STRICT = {"rules": [{"id": "analysts-all", "roles": ["analyst"], "effect": "allow"},
@@ -40,10 +41,7 @@ def count(metrics: Metrics, result: str) -> float:
 
 async def wait_for(predicate, timeout: float = 2.0) -> float:
     start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+    await eventually(predicate, timeout, interval=0.02, message="condition not reached in time")
     return time.monotonic() - start
 
 
@@ -112,7 +110,7 @@ async def test_watch_picks_up_a_stricter_policy_within_two_seconds(tmp_path: Pat
     replace(path, "rules: [")
     await wait_for(lambda: count(metrics, "error") == 1)
     assert not allowed(store) and allowed(store, "other")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window for retries that must not come (nothing to wait on)
     assert count(metrics, "error") == 1  # an unchanged broken file is not retried in a loop
     # fixed again, edited in place this time
     path.write_text(yaml.safe_dump(OPEN))
@@ -136,7 +134,7 @@ async def test_close_stops_watching(tmp_path: Path) -> None:
     await store.start()
     await store.close()
     replace(path, yaml.safe_dump(STRICT))
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.4)  # a window for a reload that must not come (nothing to wait on)
     assert allowed(store) and count(metrics, "ok") == 0
 
 

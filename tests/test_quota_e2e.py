@@ -23,9 +23,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.quota.store import bucket_id
-from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, openai_model, start_gateway, start_upstream, \
+from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, openai_model, start_gateway, start_upstream, \
     v2_model, wait_ready, write_yaml
 from quota_support import RedisServer, delete_prefix, unique_prefix
+from upstreams import fake_openai
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
 
@@ -148,12 +149,12 @@ async def test_1000_aborted_requests_leak_no_slot(tmp_path: Path, keys: Keys, re
 
     async def slow(request: web.Request) -> web.StreamResponse:
         await request.read()
-        await asyncio.sleep(0.8)  # past the gateway's upstream timeout -> 504
+        await asyncio.sleep(0.8)  # the thing under test: past the gateway's upstream timeout -> 504
         return web.json_response({"outputs": []})
 
     async def broken(request: web.Request) -> web.StreamResponse:
         await request.read()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the thing under test: a request in flight for a moment, then a crash
         raise RuntimeError("the model crashed")  # the upstream answers 500
 
     prefix = unique_prefix()
@@ -184,9 +185,11 @@ async def test_1000_aborted_requests_leak_no_slot(tmp_path: Path, keys: Keys, re
             for round_ in range(10):
                 await asyncio.gather(*(one(round_ * 100 + i) for i in range(100)))
         assert sum(statuses.values()) == 1000
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any([await admin.zcard(k) for k in slot_keys]):
-            await asyncio.sleep(0.1)
+
+        async def slots_free() -> bool:
+            return not any([await admin.zcard(k) for k in slot_keys])
+
+        await eventually(slots_free, timeout=5, interval=0.1, message=lambda: str(statuses))
         assert [await admin.zcard(k) for k in slot_keys] == [0, 0], statuses
         audit = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
         admitted = [x["status"] for x in audit if x["quota"] == "ok"]
@@ -210,32 +213,9 @@ async def test_1000_aborted_requests_leak_no_slot(tmp_path: Path, keys: Keys, re
 # --------------------------------------------------------------------------- LLM token budgets
 
 
-def _sse(doc: dict) -> bytes:
-    return b"data: " + json.dumps(doc).encode() + b"\n\n"
-
-
-async def _openai_upstream(request: web.Request) -> web.StreamResponse:
-    """A fake OpenAI server: streams 10 chunks of 'abcd'; a usage chunk when asked for one."""
-    body = await request.json()
-    if not body.get("stream"):
-        return web.json_response({"id": "c1", "object": "chat.completion", "model": "chat",
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 100, "completion_tokens": 23, "total_tokens": 123}})
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    slow = body.get("user") == "slow"
-    for _ in range(10):
-        await response.write(_sse({"id": "c1", "object": "chat.completion.chunk",
-                                   "choices": [{"index": 0, "delta": {"content": "abcd"}}]}))
-        if slow:
-            await asyncio.sleep(0.1)
-    wants_usage = (body.get("stream_options") or {}).get("include_usage") and body.get("user") != "no-usage"
-    if wants_usage:
-        await response.write(_sse({"id": "c1", "object": "chat.completion.chunk", "choices": [],
-                                   "usage": {"prompt_tokens": 60, "completion_tokens": 10, "total_tokens": 70}}))
-    await response.write(b"data: [DONE]\n\n")
-    return response
+# streams 10 chunks of 'abcd' (slowly for user "slow"); a usage chunk when asked for one
+_openai_upstream = fake_openai(content="abcd", chunks=10, answer_usage=(100, 23), stream_usage=(60, 10),
+                               gap_s=lambda body: 0.1 if body.get("user") == "slow" else 0.0)
 
 
 async def test_streamed_answers_are_charged_and_budget_enforced(tmp_path: Path, keys: Keys) -> None:
@@ -290,12 +270,8 @@ async def test_abandoned_stream_is_charged_its_whole_reservation(tmp_path: Path,
                 await r.content.readuntil(b"\n\n")
                 await r.content.readuntil(b"\n\n")
                 r.close()  # the client walks away mid-stream
-        charged = 0.0
-        for _ in range(40):
-            charged = metric(gw, "maas_quota_llm_tokens_total", model="chat")
-            if charged:
-                break
-            await asyncio.sleep(0.1)
+        charged = await eventually(lambda: metric(gw, "maas_quota_llm_tokens_total", model="chat"), timeout=4,
+                                   interval=0.1)
         assert charged == 510  # the prompt (10) and the default 500: its usage never arrived
     finally:
         await gw.stop()
@@ -313,7 +289,7 @@ async def settled(traffic) -> None:  # type: ignore[no-untyped-def]
     while time.monotonic() < deadline:
         if {st for st, _ in await traffic(1)} == {200}:
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the poll interval of this wait on a condition, not a clock
 
 
 @pytest.mark.slow
@@ -367,7 +343,7 @@ async def test_frozen_and_killed_redis_over_http(tmp_path: Path, keys: Keys, mod
                 while time.monotonic() - t0 < 2.0:  # quotas enforced again within 2 s
                     if {st for st, _ in await traffic(4)} == {200} and all(checked):
                         break
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # the poll interval of this timed wait on a condition, not a clock
                 assert time.monotonic() - t0 < 2.0
                 assert {st for st, _ in await traffic(4)} == {200} and all(checked)
             finally:

@@ -17,8 +17,10 @@ from gateway.config import QuotaConfig
 from gateway.errors import RateLimited, Unavailable
 from gateway.metrics import Metrics
 from gateway.policy.document import QuotaRule
-from gateway.quota.store import bucket_id, open_store
+from gateway.quota.store import bucket_id
+from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
+from harness import eventually, redis_server
 from quota_support import Policy, RedisServer, context, document, finish
 
 TIMEOUT_MS = 100
@@ -26,10 +28,9 @@ MARGIN_S = 0.4  # scheduling slack on a busy 2-core CI machine
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = RedisServer(tmp_path / "redis").start()
-    yield s
-    s.stop()
+async def server(tmp_path):
+    async with redis_server(tmp_path / "redis") as s:
+        yield s
 
 
 async def make(url: str, on_store_error: str, *rules: QuotaRule) -> Quota:
@@ -62,7 +63,7 @@ async def wait_for_outcome(stage: Quota, want: str, within_s: float) -> float:
         outcome, _ = await timed(stage)
         if outcome == want:
             return time.monotonic() - t0
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the poll interval of this timed wait on a condition, not a clock
     raise AssertionError(f"still not {want!r} after {within_s} s")
 
 
@@ -84,9 +85,8 @@ async def test_frozen_redis_never_hangs_a_request(server, mode, expect):
         assert stage.metrics.registry.get_sample_value("maas_quota_store_errors_total") >= 42
         server.thaw()
         await wait_for_outcome(stage, "ok", within_s=2.0)
-        await asyncio.sleep(1.2)  # the health check runs every second
-        assert stage.ready() is None
-        assert stage.metrics.registry.get_sample_value("maas_quota_store_up") == 1
+        await eventually(lambda: stage.ready() is None  # the health check runs every second
+                         and stage.metrics.registry.get_sample_value("maas_quota_store_up") == 1, timeout=3)
     finally:
         server.thaw()
         await stage.close()
@@ -130,18 +130,17 @@ async def test_slot_of_a_request_that_vanished_mid_call_is_repaired(server):
         await admin.client_pause(400, all=False)  # writes wait 400 ms: our script is held in Redis
         ctx = context()
         task = asyncio.create_task(stage(ctx))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the acquire reaches Redis and is held there by the pause (not observable here)
         task.cancel()  # the client goes away while its acquire is in flight
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.5)  # the pause ends; Redis runs the script and admits the vanished request
+        async def slots(n: int) -> bool:
+            return await admin.zcard(slots_key) == n
+
+        await eventually(lambda: slots(1), timeout=3)  # the pause ends; Redis runs the script, admits the vanished one
         assert await admin.zcard(slots_key) == 1
         assert stage.store.pending_repairs() == 1
-        for _ in range(30):  # the health loop (every second) frees it
-            if await admin.zcard(slots_key) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await admin.zcard(slots_key) == 0
+        await eventually(lambda: slots(0), timeout=3, interval=0.1)  # the health loop (every second) frees it
         assert stage.store.pending_repairs() == 0
     finally:
         await admin.aclose()

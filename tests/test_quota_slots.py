@@ -11,50 +11,32 @@ freed when the stream ends, and that a slot nobody refreshes still expires.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from gateway.config import QuotaConfig
 from gateway.quota import store as store_module
 from gateway.quota.live_slots import LiveSlots
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import Limits, StoreError, bucket_id
-from harness import ALLOW_ANALYSTS, Keys, openai_model, start_gateway, start_upstream
+from harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, start_gateway, start_upstream
 from quota_support import delete_prefix, unique_prefix
+from upstreams import fake_openai
 
 TTL_S = 1.0
 STREAM_S = 3.6  # several TTLs
 CHUNKS = 12
 
 
-def _sse(doc: dict) -> bytes:
-    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+# streams for STREAM_S when asked to stream; answers a short JSON otherwise
+_slow_stream = fake_openai(content="tok", chunks=CHUNKS, answer_usage=(1, 1), gap_s=lambda body: STREAM_S / CHUNKS)
 
 
-async def _slow_stream(request: web.Request) -> web.StreamResponse:
-    """Streams for STREAM_S when asked to stream; answers a short JSON otherwise."""
-    body = await request.json()
-    if not body.get("stream"):
-        return web.json_response({"id": "c2", "object": "chat.completion", "model": "chat",
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for _ in range(CHUNKS):
-        await response.write(_sse({"id": "c1", "object": "chat.completion.chunk",
-                                   "choices": [{"index": 0, "delta": {"content": "tok"}}]}))
-        await asyncio.sleep(STREAM_S / CHUNKS)
-    await response.write(b"data: [DONE]\n\n")
-    return response
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "memory"])
 async def test_a_stream_longer_than_the_slot_ttl_keeps_its_slot(tmp_path: Path, keys: Keys, redis_url: str,
                                                               monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
@@ -84,7 +66,7 @@ async def test_a_stream_longer_than_the_slot_ttl_keeps_its_slot(tmp_path: Path, 
                 await stream.content.readuntil(b"\n\n")
                 refused = []
                 for at in (1.5 * TTL_S, 2.5 * TTL_S, 3.2 * TTL_S):  # each past the TTL of the slot's last write
-                    await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+                    await asyncio.sleep(max(0.0, started + at - time.monotonic()))  # the thing under test: past the TTL
                     refused.append(await second())
                     if kind == "redis":
                         assert await admin.zcard(slots_key) == 1
@@ -92,12 +74,10 @@ async def test_a_stream_longer_than_the_slot_ttl_keeps_its_slot(tmp_path: Path, 
                 rest = await stream.read()
                 assert rest.endswith(b"data: [DONE]\n\n")
                 assert time.monotonic() - started > 3 * TTL_S  # the stream really outlived the TTL
-            for _ in range(50):  # the slot is given back when the stream ends (the release runs after the body)
-                status = await second()
-                if status == 200:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == 200
+            async def admitted() -> bool:  # the slot is given back when the stream ends (released after the body)
+                return await second() == 200
+
+            await eventually(admitted, timeout=2.5, interval=0.05)
         if kind == "redis":
             assert await admin.zcard(slots_key) == 0
     finally:
@@ -122,7 +102,7 @@ async def test_a_crashed_replicas_slot_still_expires(redis_url: str) -> None:
         await crashed.close()  # gone without releasing: its refresher stops with it
         assert (await live.acquire(bucket, limits, "live.1", 0)).allowed
         assert not (await live.acquire(bucket, limits, "live.2", 0)).allowed  # both slots held
-        await asyncio.sleep(2.5 * TTL_S)
+        await asyncio.sleep(2.5 * TTL_S)  # the thing under test: the dead replica's slot outlives its TTL
         assert (await live.acquire(bucket, limits, "live.2", 0)).allowed  # the dead replica's slot expired
         assert not (await live.acquire(bucket, limits, "live.3", 0)).allowed  # live.1 was kept all along
         await live.release(bucket, limits, "live.1", 0)
@@ -152,7 +132,7 @@ async def test_released_slots_are_never_brought_back_by_a_refresh(redis_url: str
         await store.release(bucket, limits, "a", 0)
         await store.refresh_slots({key: ["a", "b"]})  # a stale snapshot still naming "a"
         assert [m.decode() for m in await admin.zrange(key, 0, -1)] == ["b"]
-        await asyncio.sleep(2 * TTL_S)
+        await asyncio.sleep(2 * TTL_S)  # the thing under test: refreshes over two TTLs never bring "a" back
         assert [m.decode() for m in await admin.zrange(key, 0, -1)] == ["b"]
         assert 0 < await admin.pttl(key) <= TTL_S * 1000
         await store.release(bucket, limits, "b", 0)
@@ -181,7 +161,7 @@ async def test_one_refresh_call_carries_every_live_slot() -> None:
     live.discard("k0", "nope")
     live.start()
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the thing under test: what the refresher did in 0.3 s (one retry, no more)
     finally:
         await live.close()
     assert len(calls) == 2  # the first (at 0.2 s) failed and was retried at once; the next is due at 0.42 s

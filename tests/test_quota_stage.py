@@ -15,9 +15,11 @@ from gateway.errors import RateLimited, Unavailable
 from gateway.metrics import Metrics
 from gateway.pipeline import RouteKind
 from gateway.policy.document import QuotaRule
-from gateway.quota.store import bucket_id, open_store
+from gateway.quota.store import bucket_id
+from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
-from quota_support import Policy, RedisServer, context, delete_prefix, document, finish, free_port, unique_prefix
+from harness import eventually, redis_server
+from quota_support import Policy, context, delete_prefix, document, finish, free_port, unique_prefix
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -115,7 +117,7 @@ async def test_policy_reload_swaps_quotas(make_stage):
     with pytest.raises(RateLimited):
         await stage(context())
     stage.policy.document = document(QuotaRule(id="q", roles=["analyst"], rate_per_s=1000.0, burst=5))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the thing under test: 10 ms at the new rate refills the bucket
     ctx = context()
     await stage(ctx)  # same entry id, same bucket: refilled at the new rate, up to the new burst
     assert ctx.response_headers["RateLimit-Limit"] == "5"
@@ -141,8 +143,8 @@ async def test_concurrency_limit_leaks_nothing_after_1000_aborted_requests(make_
                 raise RuntimeError("backend failed")
             if i % 3 == 1:
                 async with asyncio.timeout(0.01):  # upstream timeout
-                    await asyncio.sleep(10)
-            await asyncio.sleep(10)  # the client goes away: cancelled below
+                    await asyncio.sleep(10)  # the thing under test: an upstream that never answers
+            await asyncio.sleep(10)  # the thing under test: the client goes away (cancelled below)
         except RateLimited:
             refused += 1
         finally:
@@ -152,21 +154,20 @@ async def test_concurrency_limit_leaks_nothing_after_1000_aborted_requests(make_
         before = admitted + refused
         tasks = [asyncio.create_task(request(round_ * 200 + i)) for i in range(200)]
         if round_ % 2:
-            await asyncio.sleep(0)  # some cancelled while their store call is in flight
+            await asyncio.sleep(0)  # one loop turn, not a clock: some cancelled while their store call is in flight
         else:
             for _ in range(20):  # until the store has answered: a GC pause can outlast one 50 ms nap
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the poll interval of this wait on a condition (it may also give up)
                 if admitted + refused > before:
                     break
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert admitted >= 40 and refused > 0
-    for _ in range(40):  # slots of requests cancelled mid-call are repaired by the health loop (1 s)
-        if await inflight(stage, bucket) == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert await inflight(stage, bucket) == 0
+    async def repaired() -> bool:  # slots of requests cancelled mid-call are repaired by the health loop (1 s)
+        return await inflight(stage, bucket) == 0
+
+    await eventually(repaired, timeout=4, interval=0.1)
     # and the full limit is available again
     ctxs = [context() for _ in range(40)]
     for ctx in ctxs:
@@ -233,8 +234,7 @@ async def test_unreachable_store_deny_is_503_allow_passes(make_stage):
 
 
 async def test_noscript_after_script_flush_recovers(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    try:
+    async with redis_server(tmp_path / "redis") as server:
         cfg = QuotaConfig(store=server.url, key_prefix="t:", timeout_ms=500)
         metrics = Metrics()
         stage = Quota(cfg, metrics, Policy(document(QuotaRule(roles=["analyst"], rate_per_s=0.001, burst=3))),
@@ -250,6 +250,4 @@ async def test_noscript_after_script_flush_recovers(tmp_path):
         assert all(isinstance(r, RateLimited) for r in results if r is not None)
         await client.aclose()
         await stage.close()
-    finally:
-        server.stop()
 

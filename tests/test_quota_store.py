@@ -55,7 +55,7 @@ async def test_refills_after_waiting(store):
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert not (await store.acquire("e:a:m", limits, "", 0)).allowed
-    await asyncio.sleep(0.12)  # 20/s: one token every 50 ms
+    await asyncio.sleep(0.12)  # the thing under test: refill at 20/s, one token every 50 ms
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert not (await store.acquire("e:a:m", limits, "", 0)).allowed
@@ -234,7 +234,7 @@ async def test_a_lease_is_taken_from_redis_spent_locally_and_expires(redis_url):
         stored2 = float((await client.get(s.keys("e:lease:m")[0])).split()[0])
         refilled = limits.rate_per_s * (time.monotonic() - read_at)  # the bucket refills meanwhile (slow machines)
         assert stored2 <= stored - 50 + refilled + 1e-6
-        await asyncio.sleep(redis_store.LEASE_WINDOW_S + 0.02)  # unspent tokens of an old lease are dropped
+        await asyncio.sleep(redis_store.LEASE_WINDOW_S + 0.02)  # the thing under test: an old lease's unspent tokens drop
         assert (await s.acquire("e:lease:m", limits, "", 0)).allowed
         assert float((await client.get(s.keys("e:lease:m")[0])).split()[0]) != stored2
         await client.aclose()

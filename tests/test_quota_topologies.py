@@ -6,24 +6,20 @@ Each test starts its own redis-server processes on free ports and stops them by 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.config import QuotaConfig
 from gateway.errors import ConfigError
 from gateway.quota.redis_connect import parse_sentinel_url
 from gateway.quota.redis_store import RedisStore
-from gateway.quota.store import Limits, bucket_id, open_store
+from gateway.quota.store import Limits, bucket_id
+from gateway.quota.stores import open_store
+from certs import self_signed
 from quota_support import free_port
 
 LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent=2, tokens_per_minute=100)
@@ -59,7 +55,7 @@ def wait_ping(timeout: float = 10.0, **kwargs) -> None:
             if redis.Redis(host="127.0.0.1", socket_timeout=0.5, socket_connect_timeout=0.5, **kwargs).ping():
                 return
         except redis.RedisError:
-            time.sleep(0.05)
+            time.sleep(0.05)  # the poll interval of this wait on a condition, not a clock
     raise RuntimeError(f"redis {kwargs} did not answer")
 
 
@@ -74,25 +70,8 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.kill()
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = directory / "redis.crt", directory / "redis.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 async def test_tls_with_password_from_env(tmp_path: Path, monkeypatch) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "redis", host="127.0.0.1", ca=True)
     port = free_port()
     proc = spawn(["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
                   "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
@@ -165,7 +144,7 @@ async def test_cluster(tmp_path: Path) -> None:
         while "cluster_state:ok" not in subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"],
                                                        capture_output=True, text=True).stdout:
             assert time.monotonic() < deadline, "cluster never became ok"
-            time.sleep(0.1)
+            time.sleep(0.1)  # the poll interval of this wait on a condition, not a clock
         store = open_store(QuotaConfig(store=f"redis://127.0.0.1:{ports[0]}/0", cluster=True, key_prefix="c:",
                                        timeout_ms=1000))
         await exercise(store)

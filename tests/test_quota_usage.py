@@ -201,7 +201,7 @@ def _stream_upstream(parts: list[bytes]):
         await response.prepare(request)
         for part in parts:
             await response.write(part)
-            await asyncio.sleep(0.005)  # separate reads, so the splits below are seen as such
+            await asyncio.sleep(0.005)  # the thing under test: separate reads, so the splits below are seen as such
         return response
 
     return handler

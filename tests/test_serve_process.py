@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_upstream, v2_model, write_yaml, wait_ready
+from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, write_yaml, wait_ready
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 
@@ -25,8 +26,11 @@ def spawn(config: Path, *extra: str) -> subprocess.Popen:
 
 
 async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, keys: Keys) -> None:
+    arrived = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(1.0)
+        arrived.set()
+        await asyncio.sleep(1.0)  # the thing under test: a request still in flight when SIGTERM comes
         return web.json_response({"outputs": []})
 
     up = await start_upstream(slow)
@@ -40,7 +44,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, key
         async with aiohttp.ClientSession() as s:
             pending = asyncio.create_task(s.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=V2_BODY,
                                                  headers=keys.auth()))
-            await asyncio.sleep(0.3)  # the request is in flight at the upstream
+            await eventually(arrived.is_set)  # the request is in flight at the upstream
             proc.send_signal(signal.SIGTERM)
             r = await pending
             assert r.status == 200  # finished, not cut
@@ -54,6 +58,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, key
         await up.stop()
 
 
+@pytest.mark.slow
 async def test_workers_share_one_port(tmp_path: Path, keys: Keys) -> None:
     up = await start_upstream()
     port, admin = free_port(), free_port()
@@ -79,7 +84,7 @@ async def test_workers_share_one_port(tmp_path: Path, keys: Keys) -> None:
                 counted = float(line.rsplit(" ", 1)[1])
                 if counted >= 20:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the poll interval of this wait on a condition, not a clock
         assert counted == 20.0
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2

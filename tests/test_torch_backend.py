@@ -14,9 +14,9 @@ import orjson
 import pytest
 import torch
 
-from backends.base import BackendEnv
 from backends.torch import TorchBackend, TorchBackendConfig
 from backends.torch.archs import DigitsMLP
+from gateway.backend import BackendEnv
 from gateway.config import ModelConfig, ServerConfig
 from gateway.errors import ConfigError, InvalidRequest
 from gateway.metrics import Metrics
@@ -69,6 +69,7 @@ async def test_metadata_and_ready(digits: TorchBackend) -> None:
     assert ready.status == 200 and ready.json == {"name": "digits", "ready": True}
 
 
+@pytest.mark.slow
 async def test_held_out_accuracy_and_v2_answer_shape(digits: TorchBackend) -> None:
     pytest.importorskip("sklearn")
     from backends.torch.train_digits import split
@@ -145,15 +146,16 @@ async def test_body_is_parsed_when_no_json_was_attached(digits: TorchBackend) ->
     ({"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]}, "shape must be"),
     ({"inputs": [{"name": "input", "shape": [1, 64, 1], "datatype": "FP32", "data": [0] * 64}]}, "shape must be"),
     ({"inputs": [{"name": "input", "shape": [1, True], "datatype": "FP32", "data": [0] * 64}]}, "shape must be"),
-    (infer_body([0] * 63), "needs 64 values, data has 63"),
-    (infer_body([0] * 64, n=2), "needs 128 values"),
-    (infer_body([1e39] + [0] * 63), "finite"),
-    (infer_body(["1"] * 64), "must be FP32 numbers"),
-    (infer_body([True] * 64), "must be FP32 numbers"),
-    (infer_body([0.5] * 64, datatype="INT64"), "must be INT64 numbers"),
-    (infer_body([2**70] * 64, datatype="INT64"), "must be INT64 numbers"),
-    (infer_body([[0] * 32, [0] * 31]), "must be FP32 numbers"),
-    (infer_body({"a": 1}), "data must be a list"),
+    # the values themselves: gateway.v2's check (the same one the validate stage runs), with JSON pointers
+    (infer_body([0] * 63), r"/inputs/0/data: has 63 values but shape \[1, 64\] needs 64"),
+    (infer_body([0] * 64, n=2), r"has 64 values but shape \[2, 64\] needs 128"),
+    (infer_body([1e39] + [0] * 63), "/inputs/0/data/0: out of range for FP32"),
+    (infer_body(["1"] * 64), r"/inputs/0/data/0: must be FP32 \(numbers\)"),
+    (infer_body([True] * 64), r"/inputs/0/data/0: must be FP32 \(numbers\)"),
+    (infer_body([0.5] * 64, datatype="INT64"), r"/inputs/0/data/0: must be INT64 \(integers\)"),
+    (infer_body([2**70] * 64, datatype="INT64"), "/inputs/0/data/0: out of range for INT64"),
+    (infer_body([[0] * 32, [0] * 31]), "nested data must be rectangular"),
+    (infer_body({"a": 1}), "/inputs/0/data: must be a list of FP32 values"),
     ({**infer_body([0] * 64), "outputs": [{"name": "logits"}]}, "unknown output"),
 ])
 async def test_malformed_requests_are_400(digits: TorchBackend, payload: Any, message: str) -> None:

@@ -50,6 +50,7 @@ def body(rows: list[list[float]]) -> dict[str, Any]:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [len(rows), 64], "data": rows}]}
 
 
+@pytest.mark.slow
 async def test_encrypted_signed_model_served_and_hardened(tmp_path: Path, keys: Keys) -> None:
     backend = {**protect(tmp_path), "max_batch_delay_ms": 5}
     gw = await start_gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY)

@@ -24,6 +24,7 @@ from backends.torch.archs import DigitsMLP
 from backends.torch.runner import BatchRunner
 from gateway.errors import BackendError, Unavailable
 from gateway.metrics import Metrics
+from harness import eventually
 
 BUNDLED = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets" / "digits.safetensors"
 
@@ -105,9 +106,10 @@ async def test_multi_sample_requests_keep_their_rows() -> None:
 
 
 async def test_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def blocked(inputs: list[np.ndarray]) -> np.ndarray:
+        entered.set()
         gate.wait(10)
         return np.concatenate(inputs)
 
@@ -115,9 +117,9 @@ async def test_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
     runner = await started(blocked, max_batch_size=4, max_batch_delay_s=0, max_queue=8, metrics=metrics)
     try:
         first = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-        await asyncio.sleep(0.05)  # the worker is now stuck on the first batch
+        await eventually(entered.is_set)  # the worker is now stuck on the first batch
         flood = [asyncio.ensure_future(runner.infer(np.full((1, 1), i))) for i in range(200)]
-        await asyncio.sleep(0.05)
+        await eventually(lambda: sum(f.done() for f in flood) >= 200 - 8 - 4)  # the overflow is refused at once
         rejected = [f for f in flood if f.done() and isinstance(f.exception(), Unavailable)]
         assert len(rejected) >= 200 - 8 - 4  # at most the queue plus one collected batch are held
         assert rejected[0].exception().headers["Retry-After"] == "1"  # type: ignore[union-attr]
@@ -133,10 +135,11 @@ async def test_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
 
 
 async def test_with_no_delay_what_queued_behind_a_running_batch_runs_as_one_batch() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     sizes: list[int] = []
 
     def forward(inputs: list[np.ndarray]) -> np.ndarray:
+        entered.set()
         gate.wait(10)
         sizes.append(len(inputs))
         return np.concatenate(inputs)
@@ -144,9 +147,9 @@ async def test_with_no_delay_what_queued_behind_a_running_batch_runs_as_one_batc
     runner = await started(forward, max_batch_size=64, max_batch_delay_s=0)
     try:
         first = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-        await asyncio.sleep(0.05)  # the lone first request ran at once, without waiting for company
+        await eventually(entered.is_set)  # the lone first request ran at once, without waiting for company
         rest = [asyncio.ensure_future(runner.infer(np.full((1, 1), i))) for i in range(10)]
-        await asyncio.sleep(0.05)
+        await eventually(lambda: runner.stats()["queue_depth"] == 10)  # all ten wait behind the running batch
         gate.set()
         results = await asyncio.gather(first, *rest)
         assert [float(r[0, 0]) for r in results[1:]] == list(range(10))
@@ -175,10 +178,11 @@ async def test_a_failing_batch_fails_its_callers_and_the_runner_goes_on() -> Non
 
 
 async def test_callers_that_went_away_are_skipped() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     ran: list[int] = []
 
     def forward(inputs: list[np.ndarray]) -> np.ndarray:
+        entered.set()
         gate.wait(10)
         ran.append(len(inputs))
         return np.concatenate(inputs)
@@ -186,10 +190,10 @@ async def test_callers_that_went_away_are_skipped() -> None:
     runner = await started(forward, max_batch_delay_s=0)
     try:
         first = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-        await asyncio.sleep(0.05)
+        await eventually(entered.is_set)
         gone = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
         stays = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-        await asyncio.sleep(0.01)
+        await eventually(lambda: runner.stats()["queue_depth"] == 2)  # both queued behind the running batch
         gone.cancel()
         gate.set()
         await first
@@ -203,7 +207,7 @@ async def test_callers_that_went_away_are_skipped() -> None:
 async def test_close_finishes_queued_work_then_refuses() -> None:
     runner = await started(lambda xs: np.concatenate(xs))
     pending = [asyncio.ensure_future(runner.infer(np.full((1, 1), i))) for i in range(10)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn, not a clock: the ten tasks start and queue before close()
     await runner.close(timeout_s=5)
     assert [int(p.result()[0, 0]) for p in pending] == list(range(10))
     with pytest.raises(Unavailable):
@@ -211,19 +215,20 @@ async def test_close_finishes_queued_work_then_refuses() -> None:
 
 
 async def test_close_with_a_stuck_model_fails_waiters_instead_of_hanging() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def stuck(inputs: list[np.ndarray]) -> np.ndarray:
+        entered.set()
         gate.wait(10)
         return np.concatenate(inputs)
 
     runner = await started(stuck, max_batch_delay_s=0)
     running = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-    await asyncio.sleep(0.05)
+    await eventually(entered.is_set)
     queued = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: runner.stats()["queue_depth"] == 1)
     closing = asyncio.ensure_future(runner.close(timeout_s=0.1))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: running.done() and queued.done(), timeout=1.0)  # close gives up after its 0.1 s
     for f in (running, queued):
         assert f.done() and isinstance(f.exception(), Unavailable)
     gate.set()

@@ -11,6 +11,8 @@ import time
 from typing import Awaitable, Callable
 
 import pytest
+from harness import eventually
+from upstreams import closing_pool, trickle
 
 from backends.http.client import Origin, Pool, ReadTimeout, ResponseTooLarge, StreamExpired
 
@@ -104,27 +106,21 @@ async def test_a_large_body_read_whole_arrives_whole(size: int, framing: str) ->
     body = bytes(range(256)) * (size // 256)
     wire = answer(body) if framing == "length" else chunked(body)
     async with Raw(serve_each(lambda _n: wire)) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             status, got = await asyncio.wait_for(get(pool, up.origin), 10)
             assert status == 200 and got == body
             assert (await asyncio.wait_for(get(pool, up.origin), 10))[1] == body  # and the connection is reusable
             assert up.connections == 1
-        finally:
-            pool.close()
 
 
 async def test_body_that_arrived_before_read_was_called_is_not_lost() -> None:
     body = b"z" * 3_000_000
     async with Raw(serve_each(lambda _n: answer(body))) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             resp = await pool.request(up.origin, "POST", "/x", [], b"{}", 2.0)
-            await asyncio.sleep(0.2)  # the first 256 KiB are buffered and the socket paused meanwhile
+            await eventually(lambda: resp._conn._paused)  # the first 256 KiB are buffered and the socket paused
             assert await asyncio.wait_for(resp.read(), 10) == body
             resp.release()
-        finally:
-            pool.close()
 
 
 # -- max_bytes ----------------------------------------------------------------------
@@ -134,58 +130,40 @@ async def test_declared_length_over_the_cap_is_refused_before_the_body_is_read()
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 1000)
         await writer.drain()
-        await asyncio.sleep(5)  # the rest never comes: the cap must not wait for it
+        await asyncio.sleep(5)  # the thing under test: the rest never comes, and the cap must not wait for it
 
     async with Raw(script) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             started = time.monotonic()
             with pytest.raises(ResponseTooLarge):
                 await get(pool, up.origin, max_bytes=1_000_000)
             assert time.monotonic() - started < 1.5
             assert pool._open == 0  # a connection with an unread body is never pooled
-        finally:
-            pool.close()
 
 
 @pytest.mark.parametrize("size,ok", [(4096, True), (4097, False), (1_000_000, False)])
 async def test_chunked_body_is_counted_against_the_cap(size: int, ok: bool) -> None:
     body = b"c" * size
     async with Raw(serve_each(lambda _n: chunked(body, 1000))) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             if ok:
                 assert (await get(pool, up.origin, max_bytes=4096))[1] == body
             else:
                 with pytest.raises(ResponseTooLarge):
                     await get(pool, up.origin, max_bytes=4096)
-                await asyncio.sleep(0.05)
-                assert pool._open == 0
-        finally:
-            pool.close()
+                await eventually(lambda: pool._open == 0)
 
 
 # -- deadlines ------------------------------------------------------------------------
 
 async def test_a_trickling_body_ends_at_the_total_deadline() -> None:
     """Never silent for long enough to trip the silence timeout, yet never done: the total deadline ends it."""
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(100):
-            writer.write(b"x")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    async with Raw(script) as up:
-        pool = new_pool()
-        try:
+    async with Raw(trickle(read_request, 1000)) as up:
+        with closing_pool(new_pool()) as pool:
             started = time.monotonic()
             with pytest.raises(ReadTimeout):
                 await get(pool, up.origin, total_s=0.4)
             assert 0.3 < time.monotonic() - started < 2
-        finally:
-            pool.close()
 
 
 async def test_a_stream_deadline_ends_a_stream_that_keeps_producing() -> None:
@@ -196,11 +174,10 @@ async def test_a_stream_deadline_ends_a_stream_that_keeps_producing() -> None:
             data = b"data: %d\n\n" % i
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the thing under test: a slow stream (one event every 50 ms)
 
     async with Raw(script) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             resp = await pool.request(up.origin, "POST", "/x", [], b"{}", 2.0)
             resp.expire_after(0.4)
             got = b""
@@ -211,10 +188,7 @@ async def test_a_stream_deadline_ends_a_stream_that_keeps_producing() -> None:
             assert 0.3 < time.monotonic() - started < 2
             assert got.startswith(b"data: 0\n\n")
             resp.release()
-            await asyncio.sleep(0.05)
-            assert pool._open == 0  # discarded, never pooled
-        finally:
-            pool.close()
+            await eventually(lambda: pool._open == 0)  # discarded, never pooled
 
 
 # -- late bytes and reuse order ---------------------------------------------------------
@@ -246,22 +220,18 @@ async def test_late_bytes_after_a_bodiless_answer_never_reach_the_next_request(s
             await writer.drain()
 
     async with Raw(script) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             first = await get(pool, up.origin, method=method)
             assert first[1] == b""
             second = await get(pool, up.origin)  # at once, while the late bytes are on their way
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the late bytes (sent 20 ms after the answer) land; nothing to wait on
             third = await get(pool, up.origin)
             assert second == (200, b"fresh") and third == (200, b"fresh")
-        finally:
-            pool.close()
 
 
 async def test_idle_connections_are_reused_oldest_first() -> None:
     async with Raw(serve_each(lambda _n: answer(b"{}"))) as up:
-        pool = new_pool()
-        try:
+        with closing_pool(new_pool()) as pool:
             await asyncio.gather(get(pool, up.origin), get(pool, up.origin))  # two connections, both idle now
             assert up.connections == 2
             idle = list(pool._idle[up.origin])
@@ -270,5 +240,3 @@ async def test_idle_connections_are_reused_oldest_first() -> None:
             await resp.read()
             resp.release()
             assert list(pool._idle[up.origin]) == [idle[1], idle[0]]
-        finally:
-            pool.close()

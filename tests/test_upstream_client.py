@@ -14,6 +14,7 @@ import pytest
 
 from backends.http.client import (ConnectFailed, ConnectTimeout, Disconnected, InvalidRequestLine, InvalidResponse,
                                   Origin, Pool, ReadTimeout)
+from harness import eventually
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
@@ -49,7 +50,7 @@ class Server:
                 self.heads.append(head)
                 answer = self._answer(len(self.heads), head)
                 if answer is None:  # hang: never answer
-                    await asyncio.sleep(3600)
+                    await asyncio.sleep(3600)  # the thing under test: an upstream that never answers
                 writer.write(answer)
                 await writer.drain()
                 if b"Connection: close" in answer:
@@ -167,7 +168,7 @@ async def test_a_second_unasked_answer_is_never_given_to_the_next_request(server
     up = await server(lambda n, _h: OK + smuggled if n == 1 else OK.replace(b"{}", b"ok"))
     pool = new_pool()
     first = await fetch(pool, up.origin)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: not pool._origin_of)  # the spare answer arrives and its connection is dropped
     second = await fetch(pool, up.origin)
     assert first[1] == b"{}" and second[1] == b"ok"
     assert up.connections == 2  # the connection that carried the spare answer was dropped
@@ -186,7 +187,7 @@ async def test_header_injection_is_refused_before_anything_is_sent(server, heade
     pool = new_pool()
     with pytest.raises(InvalidRequestLine):
         await pool.request(up.origin, "POST", "/x", headers, b"{}", 5)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a connection that must never come (nothing to wait on)
     assert up.connections == 0 and up.heads == []
     pool.close()
 
@@ -250,7 +251,7 @@ async def test_waiting_for_a_free_connection_is_bounded(server) -> None:
     up = await server(lambda n, _h: None if n == 1 else OK)  # the first request hangs and holds the only slot
     pool = new_pool(limit=1, connect_timeout_s=0.2)
     holder = asyncio.ensure_future(fetch(pool, up.origin, timeout=10))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: up.heads)  # the first request holds the only connection
     with pytest.raises(ConnectTimeout):
         await fetch(pool, up.origin)
     holder.cancel()
@@ -269,7 +270,7 @@ async def test_idle_connections_expire_after_keepalive(server) -> None:
     up = await server()
     pool = new_pool(keepalive_s=0.1)
     await fetch(pool, up.origin)
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.25)  # the thing under test: idle past keepalive_s (0.1 s)
     await fetch(pool, up.origin)
     assert up.connections == 2
     pool.close()
@@ -280,8 +281,7 @@ async def test_idle_connections_are_closed_when_keepalive_runs_out_without_traff
     pool = new_pool(keepalive_s=0.1)
     await fetch(pool, up.origin)
     assert pool._open == 1
-    await asyncio.sleep(0.35)
-    assert pool._open == 0
+    await eventually(lambda: pool._open == 0, timeout=2.0)  # the sweep closes it once keepalive_s (0.1 s) runs out
     pool.close()
 
 
@@ -300,7 +300,7 @@ async def test_connection_the_upstream_closed_while_idle_is_not_used(server) -> 
     await fetch(pool, up.origin)
     for conn in list(pool._origin_of):  # the upstream times the idle connection out
         conn.transport.close()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: not pool._origin_of)  # the pool saw the close
     assert (await fetch(pool, up.origin))[0] == 200
     assert up.connections == 2
     pool.close()
@@ -322,7 +322,7 @@ async def test_slow_reader_pauses_the_upstream_socket(server) -> None:
     up = await server(lambda n, _h: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
     pool = new_pool()
     resp = await pool.request(up.origin, "POST", "/x", [], b"{}", 5)
-    await asyncio.sleep(0.2)  # nobody reads: the buffer stops near the high-water mark, not at 1 MB
+    await eventually(lambda: resp._conn._paused)  # nobody reads: the buffer stops near the high-water mark, not at 1 MB
     assert resp._buffered < 600_000 and resp._conn._paused
     received = bytearray()
     while chunk := await resp.readany():

@@ -8,6 +8,7 @@ the parent that run multiprocessing's spawn entry point).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -18,10 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiohttp
+import pytest
 
-from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_upstream, v2_model, wait_ready, write_yaml
+from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, wait_ready, write_yaml
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 DEATH = re.compile(r"worker (\d+) \(pid (\d+)\) (.+) after [\d.]+ s; replacing it in ([\d.]+) s")
@@ -54,13 +57,13 @@ class Log:
             return [(t, m) for t, line in self.lines if (m := pattern.search(line))]
 
     async def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 20) -> list[tuple[float, re.Match[str]]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> list[tuple[float, re.Match[str]]] | None:
             found = self.matches(pattern)
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no {count}x {pattern.pattern!r} within {timeout}s; output:\n{self.text()}")
+            return found if len(found) >= count else None
+
+        result: list[tuple[float, re.Match[str]]] = await eventually(
+            enough, timeout, interval=0.05, message=lambda: f"no {count}x {pattern.pattern!r}; output:\n{self.text()}")
+        return result
 
 
 def worker_pids(parent: int) -> set[int]:
@@ -131,6 +134,20 @@ async def start(tmp_path: Path, keys: Keys, upstream_url: str, workers: int = 2)
     return gw
 
 
+@contextlib.asynccontextmanager
+async def workers_over_upstream(tmp_path: Path, keys: Keys) -> AsyncIterator[Gateway]:
+    """A two-worker gateway in front of a fresh upstream; at exit every process is killed and the upstream stopped."""
+    up = await start_upstream()
+    try:
+        gw = await start(tmp_path, keys, up.url)
+        try:
+            yield gw
+        finally:
+            gw.kill_all()
+    finally:
+        await up.stop()
+
+
 @dataclass
 class Outcome:
     started: float
@@ -154,7 +171,7 @@ async def traffic(port: int, keys: Keys, stop: asyncio.Event, outcomes: list[Out
                         outcomes.append(Outcome(t0, r.status == 200, str(r.status)))
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     outcomes.append(Outcome(t0, False, type(exc).__name__))
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # the load generator's pause after a refused request, not a clock
 
     await asyncio.gather(*(user() for _ in range(users)))
 
@@ -166,6 +183,7 @@ def audit_lines(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 async def test_killed_worker_is_replaced_while_requests_keep_succeeding(tmp_path: Path, keys: Keys) -> None:
     up = await start_upstream()
     gw = await start(tmp_path, keys, up.url)
@@ -173,7 +191,7 @@ async def test_killed_worker_is_replaced_while_requests_keep_succeeding(tmp_path
     load = asyncio.create_task(traffic(gw.port, keys, stop, outcomes))
     try:
         assert worker_pids(gw.proc.pid) == set(gw.initial)
-        await asyncio.sleep(1.0)
+        await eventually(lambda: sum(o.ok for o in outcomes) >= 20, timeout=10)  # the load is flowing
         victim = gw.initial[1]
         slot_file = gw.audit_file.with_name(gw.audit_file.name + ".w1")
         os.kill(victim, signal.SIGKILL)
@@ -191,11 +209,9 @@ async def test_killed_worker_is_replaced_while_requests_keep_succeeding(tmp_path
 
         # the replacement serves, and continues its slot's audit file
         before = audit_lines(slot_file)
-        deadline = time.monotonic() + 15
-        while audit_lines(slot_file) <= before and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert audit_lines(slot_file) > before, "the replacement answered nothing"
-        await asyncio.sleep(1.0)
+        await eventually(lambda: audit_lines(slot_file) > before, timeout=15, interval=0.2,
+                         message="the replacement answered nothing")
+        await eventually(lambda: len([o for o in outcomes if o.started > listening_at]) > 20, timeout=10)
         stop.set()
         await load
 
@@ -220,11 +236,10 @@ async def test_killed_worker_is_replaced_while_requests_keep_succeeding(tmp_path
         await up.stop()
 
 
+@pytest.mark.slow
 async def test_worker_that_exits_0_unasked_is_replaced_and_sighup_still_relayed(tmp_path: Path, keys: Keys) -> None:
     """A worker stopped on its own (SIGTERM to its pid, not the parent's) drains, exits 0, and is replaced."""
-    up = await start_upstream()
-    gw = await start(tmp_path, keys, up.url)
-    try:
+    async with workers_over_upstream(tmp_path, keys) as gw:
         os.kill(gw.initial[0], signal.SIGTERM)
         [(_, death)] = await gw.log.wait_for(DEATH, timeout=15)
         assert death.group(1) == "0" and death.group(3) == "exited with code 0"
@@ -233,20 +248,16 @@ async def test_worker_that_exits_0_unasked_is_replaced_and_sighup_still_relayed(
         await gw.log.wait_for(re.compile(r"w0 INFO maas.server: maas-gateway listening"), count=2)
         gw.proc.send_signal(signal.SIGHUP)  # reaches both workers, and kills neither
         await gw.log.wait_for(re.compile(r"policy reloaded from"), count=2, timeout=10)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a window for a worker death that must not come (nothing to wait on)
         assert worker_pids(gw.proc.pid) == {gw.initial[1], new_pid}
         assert len(gw.log.matches(DEATH)) == 1
         assert await gw.stop() == 0
-    finally:
-        gw.kill_all()
-        await up.stop()
 
 
+@pytest.mark.slow
 async def test_crash_loop_is_throttled_by_the_back_off(tmp_path: Path, keys: Keys) -> None:
     """The config breaks after start; a killed worker's replacements die at start at a doubling interval."""
-    up = await start_upstream()
-    gw = await start(tmp_path, keys, up.url)
-    try:
+    async with workers_over_upstream(tmp_path, keys) as gw:
         gw.config_path.write_text("server: {port: nope}\n")  # every new worker now fails to load it
         os.kill(gw.initial[0], signal.SIGKILL)
         deaths = await gw.log.wait_for(DEATH, count=4, timeout=60)
@@ -272,21 +283,19 @@ async def test_crash_loop_is_throttled_by_the_back_off(tmp_path: Path, keys: Key
         assert await gw.stop() == 0, gw.log.text()
         assert len(gw.log.matches(REPLACED)) == 3
         assert worker_pids(gw.proc.pid) == set() and not alive(gw.initial[1])
-    finally:
-        gw.kill_all()
-        await up.stop()
 
 
+@pytest.mark.slow
 async def test_a_worker_that_cannot_start_stops_the_gateway(tmp_path: Path, keys: Keys) -> None:
     """The first start failing (port held by another program) is an error, not an endless crash loop."""
     up = await start_upstream()
-    port, admin = free_port(), free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: the workers cannot join it
+    holder.listen()
+    port, admin = holder.getsockname()[1], free_port()
     config = gateway_config(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
                             server={"port": port}, admin={"port": admin})
     path = write_yaml(tmp_path / "gateway.yaml", config)
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", port))  # no SO_REUSEPORT: the workers cannot join it
-    holder.listen()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(path), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

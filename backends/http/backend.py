@@ -26,13 +26,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from backends.base import Backend, BackendEnv
-from gateway.errors import BackendError, BackendTimeout, InvalidRequest, MethodNotAllowed, Unavailable
+from gateway.backend import Backend, BackendEnv
+from gateway.errors import InvalidRequest, MethodNotAllowed, Unavailable
 from gateway.pipeline import BackendResponse
 
-from .client import (ConnectFailed, ConnectTimeout, InvalidRequestLine, InvalidResponse, Pool, ReadTimeout,
-                     Response, ResponseTooLarge, UpstreamError)
+from .client import InvalidRequestLine, Pool, ReadTimeout, Response, UpstreamError
 from .config import NEVER_FORWARDED_METHODS, HttpBackendConfig, eject_condition, raw_methods
+from .failures import Failure, while_reading, while_sending
 from .headers import RequestHeaders, response_headers
 from .protocols import Protocol, answer_usage
 from .relay import StreamRelay
@@ -42,19 +42,7 @@ if TYPE_CHECKING:
     from gateway.config import ModelConfig
     from gateway.pipeline import RequestContext
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
-CONNECT_FAILED = "upstream connection failed"
-INVALID_ANSWER = "upstream sent an invalid response"
-TIMED_OUT = "upstream timed out"
-TOO_LARGE = "upstream answer too large"
 _OUTCOME_OF = {"connect": "error", "timeout": "timeout"}  # eject_on word -> the failure outcome it names
-
-
-class _Failure(Exception):
-    """An attempt that failed before an answer came: its outcome, whether a retry is safe, the error."""
-
-    def __init__(self, outcome: str, retryable: bool, error: Exception) -> None:
-        self.outcome, self.retryable, self.error = outcome, retryable, error
 
 
 class HttpBackend(Backend):
@@ -88,7 +76,7 @@ class HttpBackend(Backend):
         # raw: only the configured methods; openai/v2: their routes fix the method, only the never-forwarded are refused
         self._methods = raw_methods(config) if config.protocol == "raw" else None
         self._retries = config.retries
-        self._seconds: Any = (env.metrics.histogram_tally(env.metrics.upstream_seconds.labels(name))
+        self._seconds: Any = (env.metrics.upstream_seconds.labels(name)
                               if env.metrics is not None else NO_METRIC)
         self._client: Pool | None = None
 
@@ -169,9 +157,8 @@ class HttpBackend(Backend):
             try:
                 resp = await self._send(client, up, method, out.target, data, headers)
                 break
-            except _Failure as failure:
-                up.outcome[failure.outcome].inc()
-                self._verdict(up, failure.outcome)
+            except Failure as failure:
+                self._failed(up, failure)
                 tried.append(up)
                 if failure.retryable and len(tried) <= self._retries:
                     try:
@@ -194,16 +181,8 @@ class HttpBackend(Backend):
         started = time.monotonic()
         try:
             resp = await client.request(up.origin, method, target, headers, data, self._timeout_s)
-        except ConnectTimeout:
-            raise _Failure("timeout", True, BackendTimeout(TIMED_OUT)) from None
-        except ConnectFailed:
-            raise _Failure("error", True, BackendError(CONNECT_FAILED)) from None
-        except ReadTimeout:  # the request was sent
-            raise _Failure("timeout", False, BackendTimeout(TIMED_OUT)) from None
-        except InvalidResponse:
-            raise _Failure("error", method in IDEMPOTENT, BackendError(INVALID_ANSWER)) from None
-        except UpstreamError:
-            raise _Failure("error", method in IDEMPOTENT, BackendError(CONNECT_FAILED)) from None
+        except UpstreamError as exc:
+            raise while_sending(exc, method) from None
         except InvalidRequestLine:
             self._pool.abandoned(up)
             raise InvalidRequest("a header for the upstream would contain a control character") from None
@@ -232,18 +211,10 @@ class HttpBackend(Backend):
             return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release)
         try:
             body = await resp.read(max_bytes=self._max_response, total_s=self._timeout_s)
-        except ReadTimeout:
-            up.outcome["timeout"].inc()
-            self._verdict(up, "timeout")
-            raise BackendTimeout(TIMED_OUT) from None
-        except ResponseTooLarge:  # our limit, not the upstream's health
-            up.outcome["error"].inc()
-            pool.abandoned(up)
-            raise BackendError(TOO_LARGE) from None
-        except UpstreamError:
-            up.outcome["error"].inc()
-            self._verdict(up, "error")
-            raise BackendError(INVALID_ANSWER) from None
+        except UpstreamError as exc:
+            failure = while_reading(exc)
+            self._failed(up, failure)
+            raise failure.error from None
         except BaseException:
             pool.abandoned(up)
             raise
@@ -266,6 +237,14 @@ class HttpBackend(Backend):
             self._pool.failed(up)
         else:
             self._pool.succeeded(up)
+
+    def _failed(self, up: Upstream, failure: Failure) -> None:
+        """Count a failed attempt; score it only if the failure can be the upstream's fault."""
+        up.outcome[failure.outcome].inc()
+        if failure.blames:
+            self._verdict(up, failure.outcome)
+        else:
+            self._pool.abandoned(up)
 
     def _verdict(self, up: Upstream, outcome: str) -> None:
         """A failure before or while reading the answer ("error" / "timeout"): counted if ``eject_on`` says so."""

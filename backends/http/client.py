@@ -127,9 +127,9 @@ class Pool:
 
     async def _acquire(self, origin: Origin) -> Connection:
         while True:
-            conn = self._take_idle(origin)
-            if conn is not None:
-                return conn
+            idle = self._take_idle(origin)
+            if idle is not None:
+                return idle
             if self._open < self._limit:
                 break
             if self._closed:

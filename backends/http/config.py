@@ -70,9 +70,9 @@ class HttpBackendConfig:
                     return f"paths[{i}]", "must be an absolute path without query, fragment, '//' or '\\'"
             if self.model_name is not None:
                 return "model_name", "only for protocol openai or v2"
-            problem = _check_methods(self.methods)
-            if problem:
-                return problem
+            methods_problem = _check_methods(self.methods)
+            if methods_problem:
+                return methods_problem
         elif self.paths:
             return "paths", "only for protocol raw"
         elif self.methods is not None:

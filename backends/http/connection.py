@@ -14,15 +14,12 @@ request's answer) and never once bytes arrived that nobody asked for.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
 from .errors import ConnectFailed, Disconnected, InvalidResponse, ReadTimeout, StreamExpired, UpstreamError
 from .response import Response
-
-if TYPE_CHECKING:
-    from .client import Pool
 
 MAX_HEADER_BYTES = 65_536  # an upstream's response head larger than this is not a model server's answer
 MAX_HEADERS = 256
@@ -30,10 +27,24 @@ NO_BODY_STATUSES = frozenset({204, 304})
 _NEVER = float("inf")
 
 
+class Owner(Protocol):
+    """What a connection needs of the pool that opened it (``client.Pool``).
+
+    Declared here, not imported: the pool creates connections, so a connection
+    knowing the pool's module would tie the two in a loop.
+    """
+
+    loop: asyncio.AbstractEventLoop
+
+    def put_back(self, conn: Connection) -> None: ...
+
+    def lost(self, conn: Connection) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection to an upstream, serving one request at a time."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Owner) -> None:
         self._pool = pool
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None

@@ -18,10 +18,10 @@ from urllib.parse import quote
 
 import orjson
 
+from gateway.openai_paths import STREAMING_PATHS
 from gateway.pipeline import RequestContext, RouteKind
 
 V2_KINDS = frozenset({RouteKind.V2_INFER, RouteKind.V2_METADATA, RouteKind.V2_READY})
-STREAMING_OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass(slots=True)
@@ -73,7 +73,7 @@ class Protocol:
         changes: dict[str, Any] = {}
         if self._model_name is not None and doc.get("model") != self._model_name:
             changes["model"] = self._model_name
-        if stream and ctx.path in STREAMING_OPENAI_PATHS and not client_asked_usage(doc):
+        if stream and ctx.path in STREAMING_PATHS and not client_asked_usage(doc):
             options = doc.get("stream_options")
             changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         if changes:

@@ -15,15 +15,28 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ResponseTooLarge, UpstreamError
 
-if TYPE_CHECKING:
-    from .client import Connection
-
 PAUSE_ABOVE = 262_144  # buffered but unread stream bytes before the socket stops being read (a slow client)
 TOO_LARGE = "upstream answer too large"
+
+
+class Feed(Protocol):
+    """What a response needs of the connection it arrives on (``connection.Connection``).
+
+    Declared here, not imported: the connection creates responses, so a
+    response knowing the connection's module would tie the two in a loop.
+    """
+
+    def set_deadline(self, seconds: float) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def finished(self, *, reusable: bool) -> None: ...
 
 
 class Response:
@@ -37,7 +50,7 @@ class Response:
     __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_received", "_limit", "_whole", "_eof",
                  "_error", "_waiter", "_released")
 
-    def __init__(self, conn: Connection, status: int, headers: list[tuple[str, str]]) -> None:
+    def __init__(self, conn: Feed, status: int, headers: list[tuple[str, str]]) -> None:
         self.status = status
         self.headers = headers
         self._conn = conn

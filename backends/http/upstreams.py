@@ -73,7 +73,7 @@ class Upstream:
             self.healthy_gauge: Any = NO_METRIC
             self.ejections: Any = NO_METRIC
         else:
-            self.outcome = {o: metrics.tally(metrics.upstream_requests.labels(model, self.label, o)) for o in OUTCOMES}
+            self.outcome = {o: metrics.upstream_requests.labels(model, self.label, o) for o in OUTCOMES}
             self.healthy_gauge = metrics.upstream_healthy.labels(model, self.label)
             self.ejections = metrics.upstream_ejections.labels(model, self.label)
         self.healthy_gauge.set(1)
@@ -191,7 +191,7 @@ class UpstreamPool:
         if self._health_path is not None and up not in self._probes:
             task = asyncio.get_running_loop().create_task(self._probe_until_healthy(up))
             self._probes[up] = task
-            task.add_done_callback(lambda _t, up=up: self._probes.pop(up, None))
+            task.add_done_callback(lambda _t: self._probes.pop(up, None))
 
     def _readmit(self, up: Upstream) -> None:
         if up.in_rotation:  # a panic-routed request and a probe can both see it recover

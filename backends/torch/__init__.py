@@ -1,7 +1,8 @@
 """The local PyTorch runner: encrypted, signed models served with dynamic batching.
 
-Importing this package never imports torch (the config loader imports it to
-find ``TorchBackendConfig``); torch is loaded when a model is started.
+Importing this package never imports torch (the plugin step, ``check`` and the
+CLI import it to find ``TorchBackend`` and its config); torch is loaded when a
+model is started.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway import key_text
+
 MAGIC = b"\x89MAASENC"
 VERSION = 1
 KEY_BYTES = 32  # AES-256
@@ -100,21 +102,11 @@ def decode_key(text: str, *, where: str) -> bytes:
 
 
 def key_from_env(name: str) -> bytes:
-    value = os.environ.get(name)
-    if value is None:
-        raise KeyProblem(f"environment variable {name} is not set")
-    return decode_key(value, where=f"environment variable {name}")
+    return decode_key(key_text.from_env(name, KeyProblem), where=f"environment variable {name}")
 
 
 def key_from_file(path: os.PathLike[str] | str) -> bytes:
-    try:
-        with open(path, encoding="ascii") as f:
-            text = f.read(4096)
-    except FileNotFoundError:
-        raise KeyProblem(f"key file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyProblem(f"key file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-    return decode_key(text, where=f"key file {path}")
+    return decode_key(key_text.from_file(path, KeyProblem), where=f"key file {path}")
 
 
 def key_id(key: bytes) -> bytes:
@@ -287,12 +279,7 @@ def decrypt_chunks(src: BinaryIO, key: bytes, *, progress: Progress | None = Non
         if len(record) < TAG_BYTES:
             raise ArtifactError(f"file truncated: chunk {index} incomplete")
         final = not following
-        plain = _open(cipher, prefix, raw, index, final, record)
-        if plain is None:
-            raise ArtifactError(_diagnose(cipher, prefix, raw, index, final, record))
-        if progress is not None:
-            progress(len(record))
-        yield plain
+        yield _open_or_explain(cipher, prefix, raw, index, final, record, progress)
         if final:
             return
         if index >= MAX_CHUNKS:
@@ -319,12 +306,7 @@ def _decrypt_sized(src: BinaryIO, header: Header, cipher: AESGCM, progress: Prog
                                 + (f" ({missing} chunks missing)" if missing > 1 else ""))
         if len(record) < expected:
             raise ArtifactError(f"file truncated: chunk {index} incomplete")
-        plain = _open(cipher, prefix, raw, index, final, record)
-        if plain is None:
-            raise ArtifactError(_diagnose(cipher, prefix, raw, index, final, record))
-        if progress is not None:
-            progress(len(record))
-        yield plain
+        yield _open_or_explain(cipher, prefix, raw, index, final, record, progress)
     extra = src.read(1)
     if extra:
         if observe is not None:
@@ -337,6 +319,17 @@ def _open(cipher: AESGCM, prefix: bytes, raw: bytes, index: int, final: bool, re
         return cipher.decrypt(_nonce(prefix, index, final), record, _ad(raw, index, final))
     except InvalidTag:
         return None
+
+
+def _open_or_explain(cipher: AESGCM, prefix: bytes, raw: bytes, index: int, final: bool, record: bytes,
+                     progress: Progress | None) -> bytes:
+    """One chunk's plaintext, counted as progress; ``ArtifactError`` saying why when it fails authentication."""
+    plain = _open(cipher, prefix, raw, index, final, record)
+    if plain is None:
+        raise ArtifactError(_diagnose(cipher, prefix, raw, index, final, record))
+    if progress is not None:
+        progress(len(record))
+    return plain
 
 
 _REORDER_SEARCH = 64  # on failure, look this many positions either side for where a moved chunk belongs

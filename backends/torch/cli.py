@@ -14,13 +14,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, BinaryIO, Callable, TypeVar
 
 from gateway.errors import CliError
 
 from . import artifact, signing
 from .artifact import ArtifactError, KeyProblem
 from .signing import SignatureError
+
+_T = TypeVar("_T")
 
 PROGRESS_MIN_BYTES = 8 << 20  # below 8 MiB the work is over before a bar is worth drawing
 
@@ -110,7 +112,7 @@ def _key(args: argparse.Namespace) -> bytes:
 
 
 def _transform(args: argparse.Namespace, label: str,
-               work: Callable[[IO[bytes], IO[bytes], Callable[[int], None]], None], mode: int) -> Path:
+               work: Callable[[BinaryIO, BinaryIO, Callable[[int], None]], None], mode: int) -> Path:
     src_path = _input(args.input)
     out = Path(args.out)
     if out.resolve() == src_path.resolve():
@@ -141,14 +143,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.signing:
         if args.out == "-":
             raise CliError("--signing needs a file for --out (it writes FILE and FILE.pub)")
-        key = signing.new_signing_key()
+        signing_key = signing.new_signing_key()
         pub = Path(args.out + ".pub")
         if pub.exists() and not args.force:
             raise CliError(f"{pub} already exists; refusing to overwrite (use --force)")
-        _write_secret(args.out, signing.private_pem(key), force=args.force)
-        _write_public(pub, signing.public_pem(key.public_key()), force=True)
+        _write_secret(args.out, signing.private_pem(signing_key), force=args.force)
+        _write_public(pub, signing.public_pem(signing_key.public_key()), force=True)
         print(f"wrote {args.out} (private, 0600) and {pub} (public); key id "
-              f"{signing.public_key_id(key.public_key())}", file=sys.stderr)
+              f"{signing.public_key_id(signing_key.public_key())}", file=sys.stderr)
         return 0
     key = artifact.new_key()
     _write_secret(args.out, (artifact.encode_key(key) + "\n").encode("ascii"), force=args.force)
@@ -162,7 +164,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     key = _key(args)
     chunk = args.chunk_size
 
-    def work(src: IO[bytes], dst: IO[bytes], bar: Callable[[int], None]) -> None:
+    def work(src: BinaryIO, dst: BinaryIO, bar: Callable[[int], None]) -> None:
         artifact.encrypt_stream(src, dst, key, chunk_size=chunk, progress=bar)
 
     if not artifact.MIN_CHUNK_SIZE <= chunk <= artifact.MAX_CHUNK_SIZE:
@@ -176,7 +178,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     _input(args.input)
     key = _key(args)
 
-    def work(src: IO[bytes], dst: IO[bytes], bar: Callable[[int], None]) -> None:
+    def work(src: BinaryIO, dst: BinaryIO, bar: Callable[[int], None]) -> None:
         artifact.decrypt_stream(src, dst, key, progress=bar)
 
     out = _transform(args, "decrypt", work, 0o600)  # plaintext weights: owner-only
@@ -184,15 +186,20 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_bar(label: str, target: Path, run: Callable[[ProgressBar], _T]) -> _T:
+    """``run(bar)`` with a progress bar over ``target``'s size; the bar's line is finished even on failure."""
+    bar = ProgressBar(label, target.stat().st_size)
+    try:
+        return run(bar)
+    finally:
+        bar.finish()
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     target = _input(args.artifact)
     try:
         key = signing.load_private_key(Path(args.key))
-        bar = ProgressBar("sign", target.stat().st_size)
-        try:
-            out = signing.sign_file(target, key, bar)
-        finally:
-            bar.finish()
+        out = _with_bar("sign", target, lambda bar: signing.sign_file(target, key, bar))
     except SignatureError as exc:
         raise CliError(str(exc)) from None
     print(f"wrote {out} (key id {signing.public_key_id(key.public_key())})", file=sys.stderr)
@@ -203,11 +210,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     target = _input(args.artifact)
     try:
         public = signing.load_public_key(Path(args.pub))
-        bar = ProgressBar("verify", target.stat().st_size)
-        try:
-            sig = signing.verify_file(target, public, bar)
-        finally:
-            bar.finish()
+        sig = _with_bar("verify", target, lambda bar: signing.verify_file(target, public, bar))
     except SignatureError as exc:
         raise CliError(f"{target}: {exc}", code=1) from None
     print(f"{target}: signature valid (key id {sig.key_id}, sha256 {sig.sha256})")

@@ -1,7 +1,8 @@
 """The ``backend:`` section of a model served by the local torch runner.
 
-Kept free of any torch import: the config loader builds this for
-``maas-gateway check`` on machines where torch may not even be installed.
+Kept free of any torch import: the plugin step builds this (and ``findings``
+reviews it) for ``maas-gateway check`` on machines where torch may not even be
+installed.
 Paths are resolved relative to the config file by the typed YAML loader.
 """
 
@@ -11,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from gateway.findings import Finding
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -56,3 +59,20 @@ class TorchBackendConfig:
             if shape is not None and (not shape or any(d < 1 for d in shape)):
                 return key, "must list positive dimensions of one sample (no batch dimension)"
         return None
+
+
+def findings(name: str, config: TorchBackendConfig) -> list[Finding]:
+    """What ``maas-gateway check`` flags in a torch model's section: an unsigned or unencrypted artifact."""
+    out: list[Finding] = []
+    path = config.path
+    sig = path.with_name(path.name + ".sig")
+    verify = config.verify_key_file
+    if verify is not None and not sig.is_file():
+        out.append(Finding("high", f"models.{name}", f"unsigned model artifact: {sig.name} missing (it will not load)"))
+    elif verify is None and sig.is_file():
+        out.append(Finding("high", f"models.{name}.backend", "model is signed but verify_key_file is not set: tampering goes unnoticed"))
+    elif verify is None:
+        out.append(Finding("medium", f"models.{name}.backend", "model signature not verified (no verify_key_file)"))
+    if not (config.key_env or config.key_file):
+        out.append(Finding("low", f"models.{name}.backend", "model weights are not encrypted at rest"))
+    return out

@@ -11,6 +11,7 @@ shows the ``top_k_indices``/``top_k_scores`` a hardened caller gets.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import os
@@ -145,3 +146,24 @@ def _write_jwks_and_token(directory: Path) -> str:
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "demo-user", "roles": ["demo"], "iat": now, "nbf": now,
               "exp": now + TOKEN_TTL_S}
     return jwt.encode(claims, private, algorithm="RS256", headers={"kid": kid})
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``maas-gateway demo``: offered by the torch backend, since the demo is its bundled model."""
+    p = subparsers.add_parser("demo", help="self-contained demo: bundled digits model, memory quotas, demo keys")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=9090)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Write the demo into a fresh directory and serve it in this process until Ctrl-C."""
+    from gateway.launch import serve
+
+    setup = prepare_demo(port=args.port, admin_port=args.admin_port)
+    print("maas-gateway demo: the digits model behind the full pipeline (in-memory quotas, demo keys)")
+    print(f"  config:  {setup.config_path}")
+    print(f"  token:   {setup.token}")
+    print(f"  try:     {setup.curl}")
+    print("  stop:    Ctrl-C", flush=True)
+    return serve(str(setup.config_path), workers=1)

@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -145,7 +145,7 @@ def parse(data: bytes, *, where: str) -> Signature:
     if doc.get("version") != VERSION or doc.get("algorithm") != "ed25519":
         raise SignatureError(f"{where}: unsupported signature version {doc.get('version')!r} / "
                              f"algorithm {doc.get('algorithm')!r}")
-    fields = {k: doc.get(k) for k in ("name", "sha256", "key_id", "signature")}
+    fields: dict[str, Any] = {k: doc.get(k) for k in ("name", "sha256", "key_id", "signature")}
     if not all(isinstance(v, str) for v in fields.values()):
         raise SignatureError(f"{where}: signature file lacks name, sha256, key_id or signature")
     try:

@@ -25,8 +25,9 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 from pathlib import Path
+
+from .. import key_text
 
 GENESIS = "0" * 64
 MIN_KEY_BYTES = 32
@@ -116,17 +117,7 @@ def decode_key(text: str, *, where: str) -> bytes:
 def load_key(*, key_env: str | None = None, key_file: Path | str | None = None) -> bytes | None:
     """The MAC key from an environment variable or a file; None when neither is given."""
     if key_env:
-        value = os.environ.get(key_env)
-        if value is None:
-            raise KeyProblem(f"environment variable {key_env} is not set")
-        return decode_key(value, where=f"environment variable {key_env}")
+        return decode_key(key_text.from_env(key_env, KeyProblem), where=f"environment variable {key_env}")
     if key_file is not None:
-        try:
-            with open(key_file, encoding="ascii") as f:
-                text = f.read(4096)
-        except FileNotFoundError:
-            raise KeyProblem(f"key file {key_file} not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyProblem(f"key file {key_file} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
-        return decode_key(text, where=f"key file {key_file}")
+        return decode_key(key_text.from_file(key_file, KeyProblem), where=f"key file {key_file}")
     return None

@@ -101,7 +101,7 @@ class AuditLog:
         self._witness_task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
         if metrics:
-            self._lines: Any = metrics.tally(metrics.audit_lines)
+            self._lines: Any = metrics.audit_lines
             self._errors: Any = metrics.audit_errors
             self._dropped: Any = metrics.audit_dropped
             self._witness_errors: Any = metrics.audit_witness_errors

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CliError
-from .api_keys import create_key, revoke_key
+from .key_file import create_key, revoke_key
 
 
 def register(subparsers: Any) -> None:

@@ -148,7 +148,9 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
         raise ValueError("symmetric (oct) keys do not belong in a JWKS; use hs256_secret_env")
     if "d" in jwk:
         raise ValueError("is a private key; publish the public key only")
-    loader = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}.get(kty)  # type: ignore[arg-type]
+    loaders: dict[str, type[RSAAlgorithm] | type[ECAlgorithm] | type[OKPAlgorithm]] = {
+        "RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}
+    loader = loaders.get(kty)  # type: ignore[arg-type]
     if loader is None:
         raise ValueError(f"unsupported kty {kty!r}")
     try:

@@ -11,9 +11,12 @@ The order of checks is the defence:
 
 Verified tokens are cached by the SHA-256 of the token string with their
 ``exp``: steady traffic pays one hash and one dict lookup, not a signature
-check, and an entry is never served after ``exp + leeway``. The cache is
-emptied whenever the key set changes, so a key removed from the JWKS stops
-working at once.
+check, and an entry is never served after ``exp + leeway``. The cache is an
+``Lru`` (a miss costs a signature check, so the tokens in use must outlive a
+flood of new ones). It is emptied whenever the key set changes, so a key
+removed from the JWKS stops working at once. The same digest is the identity's
+``cache_key``: the token fully determines the identity, so the policy decision
+memo may share a decision between requests that carry it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import hashlib
 import logging
 import os
 import time
-from collections import OrderedDict
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import jwt as pyjwt
 
+from ..cache import Lru
 from ..errors import ConfigError
 from ..pipeline import Identity
 from . import UNSAFE_TEXT, AuthFailure, clean_roles
@@ -67,11 +70,10 @@ class JwtVerifier:
         self._allowed = frozenset(config.algorithms)
         self._leeway = float(config.leeway_s)
         self._max_bytes = config.max_token_bytes
-        self._cache_size = max(0, config.cache_size)
-        self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+        self._cache: Lru[bytes, tuple[Identity, float]] = Lru(config.cache_size)
         self._cached_for: KeySet | None = None  # the key set the cache entries were verified with
-        self._hit = metrics.tally(metrics.auth_cache.labels(result="hit"))
-        self._miss = metrics.tally(metrics.auth_cache.labels(result="miss"))
+        self._hit = metrics.auth_cache.labels(result="hit")
+        self._miss = metrics.auth_cache.labels(result="miss")
         audience = config.audience
         self._audience = list(audience) if isinstance(audience, list) else audience
         self._options: dict[str, Any] = {"require": ["exp"], "verify_signature": True}
@@ -128,10 +130,9 @@ class JwtVerifier:
         entry = self._cache.get(digest)
         if entry is not None:
             if time.time() < entry[1]:
-                self._cache.move_to_end(digest)
                 self._hit.inc()
                 return entry[0]
-            del self._cache[digest]
+            self._cache.pop(digest)
         self._miss.inc()
         return None
 
@@ -169,8 +170,9 @@ class JwtVerifier:
         if key is None:
             raise _UnknownKid
         claims = self._decode(token, key.key, alg)
-        identity = self._identity(claims, kid)
-        self._remember(token, identity, claims, keyset)
+        digest = hashlib.sha256(token.encode("ascii")).digest()
+        identity = self._identity(claims, kid, digest)
+        self._remember(digest, identity, claims, keyset)
         return identity
 
     def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
@@ -188,7 +190,7 @@ class JwtVerifier:
             log.exception("unexpected error verifying a token")
             raise AuthFailure("invalid_token", "invalid token") from None
 
-    def _identity(self, claims: dict[str, Any], kid: str | None) -> Identity:
+    def _identity(self, claims: dict[str, Any], kid: str | None, digest: bytes) -> Identity:
         subject = claims.get(self.config.subject_claim)
         if not isinstance(subject, str) or not subject or UNSAFE_TEXT.search(subject):
             raise AuthFailure("bad_subject", f"token has no valid '{self.config.subject_claim}' claim")
@@ -196,10 +198,11 @@ class JwtVerifier:
         merged = dict(claims)
         merged["sub"] = subject
         merged["roles"] = list(roles)
-        return Identity(subject=subject, roles=roles, claims=MappingProxyType(merged), method="jwt", credential_id=kid)
+        return Identity(subject=subject, roles=roles, claims=MappingProxyType(merged), method="jwt", credential_id=kid,
+                        cache_key="jwt:" + digest.hex())
 
-    def _remember(self, token: str, identity: Identity, claims: dict[str, Any], keyset: KeySet) -> None:
-        if self._cache_size == 0 or keyset is not self.keys.keyset:
+    def _remember(self, digest: bytes, identity: Identity, claims: dict[str, Any], keyset: KeySet) -> None:
+        if self._cache.maxsize == 0 or keyset is not self.keys.keyset:
             return  # the keys changed while we verified: do not cache under the new set
         if keyset is not self._cached_for:
             self._cache.clear()
@@ -208,11 +211,7 @@ class JwtVerifier:
             until = float(claims["exp"]) + self._leeway
         except (TypeError, ValueError, OverflowError):
             return
-        digest = hashlib.sha256(token.encode("ascii")).digest()
-        self._cache[digest] = (identity, until)
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(digest, (identity, until))
 
 
 class _UnknownKid(Exception):

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import CliError
 from .store import LoadedPolicy, load_policy
-from .testing import explain, format_explanation, lint, load_cases, run_cases
+from .lint import lint
+from .testing import explain, format_explanation, load_cases, run_cases
 
 
 def register(subparsers: Any) -> None:

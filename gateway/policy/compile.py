@@ -31,6 +31,7 @@ import casbin
 from casbin.util.expression import SimpleEval
 from casbin.util.log import disabled_logging
 
+from ..cache import ClearWhenFull
 from ..errors import ConfigError
 from .document import PolicyDocument, Rule
 from .when import Condition, WhenError, compile_when
@@ -89,7 +90,9 @@ class CompiledPolicy:
     shadow_enforcer: casbin.Enforcer | None  # shadow rules; observes, never decides
     rules: Mapping[str, CompiledRule]
     model_file: Path
-    _role_memo: dict[tuple[str | None, frozenset[str]], tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # cheap to recompute and few in steady state: emptied when full
+    _role_memo: ClearWhenFull[tuple[str | None, frozenset[str]], tuple[str, ...]] = field(
+        default_factory=lambda: ClearWhenFull(MAX_ROLE_MEMO), repr=False)
 
     def effective_roles(self, subject: str, token_roles: Any) -> tuple[str, ...]:
         """Token roles + static bindings, closed under inheritance, sorted.
@@ -110,11 +113,7 @@ class CompiledPolicy:
         for name in names:
             closed.update(self.enforcer.get_implicit_roles_for_user(name))
         closed.discard("*")
-        found = tuple(sorted(closed))
-        if len(self._role_memo) >= MAX_ROLE_MEMO:
-            self._role_memo.clear()
-        self._role_memo[key] = found
-        return found
+        return self._role_memo.put(key, tuple(sorted(closed)))
 
 
 def read_model(model_file: Path | None) -> tuple[Path, str]:

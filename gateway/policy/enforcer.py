@@ -27,22 +27,30 @@ at the same paths, evaluate identically. So a decision is cached under
 (roles, model, action) + the paths it read + their tokens, and found again by
 re-reading those paths. Decisions that read any ``request.*`` attribute are not
 cached. Each compiled policy gets a fresh cache: a reload invalidates it.
+The cache is an ``Lru`` (an evaluation is the expensive thing it saves); the
+read-sets per base are a ``ClearWhenFull`` (cheap to relearn).
 
-In front of that cache sits a memo keyed by the caller's ``Identity`` object
-itself (``decide_for``). The authenticate stage hands back the same object for
-every request carrying the same verified token (its own cache), so steady
-traffic finds its decision without re-deriving roles and facts. It holds only
-cacheable decisions (none that read ``request.*``), keeps the identity alive
-so its ``id`` cannot be reused, and dies with the compiled policy like the
-cache behind it.
+In front of that cache sits a memo (``decide_for``) keyed by the identity's
+``cache_key``, which the authenticator that proved it sets: the token's hash
+for a JWT, the key id plus a digest of its entry for an API key, the
+certificate's CN for mTLS. So steady traffic finds its decision without
+re-deriving roles and facts, whichever way it authenticates, and whether or
+not the authenticator hands back the same object each time. The key only finds
+an entry: a hit also requires the stored identity to be the caller's (the same
+object, or an equal one), so a key that two different identities share (a
+changed mTLS role list, an authenticator's bug) is a miss, never the other
+identity's decision. An identity without a key is never memoised. The memo
+holds only cacheable decisions (none that read ``request.*``), is a
+``ClearWhenFull`` (a miss costs one lookup in the cache behind it) and dies
+with the compiled policy.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..cache import ClearWhenFull, Lru
 from ..pipeline import Decision, Identity
 from .compile import DEFAULT_DENY, ID_COLUMN, CompiledPolicy, CompiledRule
 from .truth import UNKNOWN, Facts, Path, Truth, value_token
@@ -51,7 +59,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 MAX_SHAPES = 16  # distinct read-sets remembered per (roles, model, action)
-MAX_IDENTITY_MEMO = 4096  # (identity, model, action) decisions remembered; cleared when full
+MAX_IDENTITY_MEMO = 4096  # (identity cache key, model, action) decisions remembered; cleared when full
 
 
 class Evaluation:
@@ -107,8 +115,9 @@ class DecisionCache:
 
     def __init__(self, size: int) -> None:
         self.size = max(0, size)
-        self._entries: OrderedDict[tuple[Any, ...], Decision] = OrderedDict()
-        self._shapes: dict[tuple[Any, ...], list[tuple[Path, ...]]] = {}
+        self._entries: Lru[tuple[Any, ...], Decision] = Lru(self.size)
+        # orphaned entries (their base's read-sets forgotten by a clear) age out of the LRU
+        self._shapes: ClearWhenFull[tuple[Any, ...], list[tuple[Path, ...]]] = ClearWhenFull(self.size)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -121,7 +130,6 @@ class DecisionCache:
             key = (base, paths, tuple([value_token(facts.lookup(p)) for p in paths]))
             found = self._entries.get(key)
             if found is not None:
-                self._entries.move_to_end(key)
                 return found
         return None
 
@@ -131,16 +139,12 @@ class DecisionCache:
         paths = tuple(reads)
         shapes = self._shapes.get(base)
         if shapes is None:
-            if len(self._shapes) >= self.size:
-                self._shapes.clear()  # orphaned entries age out of the LRU below
-            shapes = self._shapes[base] = []
+            shapes = self._shapes.put(base, [])
         if paths not in shapes:
             if len(shapes) >= MAX_SHAPES:
                 return
             shapes.append(paths)
-        self._entries[(base, paths, tuple(reads.values()))] = decision
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put((base, paths, tuple(reads.values())), decision)
 
 
 class PolicyEnforcer:
@@ -149,10 +153,10 @@ class PolicyEnforcer:
     def __init__(self, compiled: CompiledPolicy, cache_size: int = 10_000, metrics: Metrics | None = None) -> None:
         self.compiled = compiled
         self.cache = DecisionCache(cache_size)
-        self._memo_size = min(cache_size, MAX_IDENTITY_MEMO)
-        self._by_identity: dict[tuple[int, str, str], tuple[Any, Decision]] = {}
-        self._hit = metrics.tally(metrics.policy_cache.labels(result="hit")) if metrics else None
-        self._miss = metrics.tally(metrics.policy_cache.labels(result="miss")) if metrics else None
+        self._by_identity: ClearWhenFull[tuple[str, str, str], tuple[Identity, Decision]] = \
+            ClearWhenFull(min(cache_size, MAX_IDENTITY_MEMO))
+        self._hit = metrics.policy_cache.labels(result="hit") if metrics else None
+        self._miss = metrics.policy_cache.labels(result="miss") if metrics else None
 
     @property
     def document(self) -> Any:
@@ -165,18 +169,17 @@ class PolicyEnforcer:
     def decide_for(self, identity: Identity, model: str, labels: Mapping[str, Any] | None, action: str,
                    request: Callable[[], Mapping[str, Any]]) -> Decision:
         """``decide`` for an authenticated caller; ``request`` builds the request attributes only when needed."""
-        key = (id(identity), model, action)
-        memo = self._by_identity.get(key)
-        if memo is not None and memo[0] is identity:
-            if self._hit is not None:
-                self._hit.inc()
-            return memo[1]
+        cache_key = identity.cache_key
+        if cache_key is not None:
+            memo = self._by_identity.get((cache_key, model, action))
+            if memo is not None and (memo[0] is identity or memo[0] == identity):
+                if self._hit is not None:
+                    self._hit.inc()
+                return memo[1]
         decision, cacheable = self._decide(identity.subject, identity.roles, identity.claims or {}, model, labels,
                                            action, request())
-        if cacheable and self._memo_size:
-            if len(self._by_identity) >= self._memo_size:
-                self._by_identity.clear()
-            self._by_identity[key] = (identity, decision)
+        if cacheable and cache_key is not None:
+            self._by_identity[(cache_key, model, action)] = (identity, decision)
         return decision
 
     def _decide(self, subject: str, roles: Any, claims: Mapping[str, Any], model: str,

@@ -165,29 +165,25 @@ def not_(value: Truth) -> Truth:
     return UNKNOWN if value is UNKNOWN else not value
 
 
-def and_(parts: list[Callable[[Facts], Any]]) -> Callable[[Facts], Truth]:
+def _kleene(parts: list[Callable[[Facts], Any]], decisive: bool) -> Callable[[Facts], Truth]:
+    """Three-valued AND (``decisive`` False) or OR (True): one decisive part decides, even past an
+    unknown one; else any unknown part makes the whole unknown."""
     def run(f: Facts) -> Truth:
         unknown = False
         for part in parts:
             t = truth(part(f))
-            if t is False:
-                return False
+            if t is decisive:
+                return decisive
             if t is UNKNOWN:
                 unknown = True
-        return UNKNOWN if unknown else True
+        return UNKNOWN if unknown else not decisive
 
     return run
+
+
+def and_(parts: list[Callable[[Facts], Any]]) -> Callable[[Facts], Truth]:
+    return _kleene(parts, False)
 
 
 def or_(parts: list[Callable[[Facts], Any]]) -> Callable[[Facts], Truth]:
-    def run(f: Facts) -> Truth:
-        unknown = False
-        for part in parts:
-            t = truth(part(f))
-            if t is True:
-                return True
-            if t is UNKNOWN:
-                unknown = True
-        return UNKNOWN if unknown else False
-
-    return run
+    return _kleene(parts, True)

@@ -40,7 +40,7 @@ import keyword
 import tokenize
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from .truth import MISSING, UNKNOWN, Facts, Path, Truth, and_, compare, kind_of, member, not_, or_, present, truth
 
@@ -237,7 +237,8 @@ class _Compiler:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             inner = node.operand
             if isinstance(inner, ast.Constant) and kind_of(inner.value) == "num":
-                return -inner.value if isinstance(node.op, ast.USub) else inner.value
+                value = cast("int | float", inner.value)  # kind "num": a finite int or float, not a bool
+                return -value if isinstance(node.op, ast.USub) else value
         raise WhenError("arithmetic is not allowed; a sign is only allowed on a number literal")
 
     def literal(self, node: ast.AST) -> Any:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from ..cache import Lru
 from .store import Limits, Verdict
 
 if TYPE_CHECKING:
@@ -30,14 +30,13 @@ MAX_BUCKETS = 100_000  # per kind (rate, tokens): ~100 bytes each
 
 
 class _Buckets:
-    """Token buckets keyed by bucket id: (tokens, last update in ms), LRU-bounded."""
+    """Token buckets keyed by bucket id: (tokens, last update in ms), LRU-bounded (by last store)."""
 
     def __init__(self, limit: int) -> None:
-        self._data: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._limit = limit
+        self._data: Lru[str, tuple[float, float]] = Lru(limit)
 
     def level(self, key: str, capacity: float, per_ms: float, now: float) -> float:
-        got = self._data.get(key)
+        got = self._data.peek(key)  # a refused request's look does not keep its bucket alive
         if got is None:
             return capacity
         tokens, ts = got
@@ -45,11 +44,7 @@ class _Buckets:
         return min(capacity, tokens + elapsed * per_ms)
 
     def store(self, key: str, tokens: float, now: float) -> None:
-        data = self._data
-        data[key] = (tokens, now)
-        data.move_to_end(key)
-        while len(data) > self._limit:
-            data.popitem(last=False)
+        self._data.put(key, (tokens, now))
 
     def __len__(self) -> int:
         return len(self._data)

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from ..cache import ClearWhenFull
 from .store import Limits, Verdict
 
 LEASE_WINDOW_S = 0.1  # a leased allowance covers this much of a bucket's refill, and lives this long
@@ -50,7 +51,7 @@ class Leases:
     __slots__ = ("_leases", "_asking")
 
     def __init__(self) -> None:
-        self._leases: dict[str, Lease] = {}
+        self._leases: ClearWhenFull[str, Lease] = ClearWhenFull(MAX_LEASES)
         self._asking: set[str] = set()  # one allowance request in flight per bucket; the others ask for 1
 
     def spend(self, bucket: str, limits: Limits) -> tuple[Verdict | None, int]:
@@ -75,8 +76,6 @@ class Leases:
         """Keep what ``acquire.lua`` granted beyond this request's token; the verdict, if it got more than one."""
         if reply[0] <= 1:
             return None
-        if len(self._leases) >= MAX_LEASES:
-            self._leases.clear()
         lease = self._leases[bucket] = Lease(reply[0] - 1, time.monotonic() + LEASE_WINDOW_S, reply[2],
                                              math.ceil(reply[3] / 1000))
         return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0)

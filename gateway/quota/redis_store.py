@@ -3,7 +3,7 @@
 Each request is one run of ``acquire.lua`` (rate bucket, in-flight slot and
 token reservation together, atomically, on Redis server time); a request that
 holds a slot or a token reservation is one run of ``release.lua`` when it
-ends. Requests arriving together share one ``EVALSHA`` (see ``RedisStore``),
+ends. Requests arriving together share one ``EVALSHA`` (see ``redis_batch``),
 and a busy rate-only bucket lends each replica a small allowance so most of
 its requests need no round trip at all (see ``lease_size`` for the bound).
 The scripts ship as package files, are loaded with ``SCRIPT LOAD`` and called
@@ -36,17 +36,18 @@ import functools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from ..cache import ClearWhenFull
 from ..redact import redact_text
 from .live_slots import LiveSlots, Snapshot
+from .redis_batch import MAX_BATCH, MAX_IN_FLIGHT, Batcher, Commands  # noqa: F401 - MAX_IN_FLIGHT: re-exported
 from .redis_connect import connect, redact
 from .redis_lease import LEASE_WINDOW_S, Leases, lease_size  # noqa: F401 - LEASE_WINDOW_S, lease_size: re-exported
-from .redis_scripts import ACQUIRE, RELEASE, SCRIPTS, Requests, Script, command_args, integers, refresh_commands
+from .redis_scripts import ACQUIRE, RELEASE, SCRIPTS, Requests, Script, command_args, refresh_commands
 from .store import SLOT_TTL_S, Limits, StoreError, Verdict
 
 if TYPE_CHECKING:
@@ -58,41 +59,17 @@ log = logging.getLogger("maas.quota")
 BACKOFF_S = 0.2  # after 2+ failures in a row, fail fast this long before trying Redis again
 HEALTH_INTERVAL_S = 1.0  # background PING period (readiness, maas_quota_store_up, slot repairs)
 MAX_REPAIRS = 100_000  # slot releases owed to Redis while it is unreachable
-MAX_BATCH = 256  # requests per script call (the script blocks Redis ~10 us per request)
-MAX_IN_FLIGHT = 8  # batches awaiting Redis at once; more requests wait for the next batch (and grow it)
 REFRESH_BATCH = 1000  # slots per refresh.lua call (all calls of one refresh share one pipeline)
-
-
-@dataclass(slots=True)
-class _Call:
-    """One request's operation, waiting for the current batch to be sent."""
-
-    script: Script  # ACQUIRE or RELEASE
-    keys: tuple[str, ...]
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
-    slot: tuple[str, str] | None  # (slots key, slot id) this call takes or frees, for leak repair
-    deadline: float  # time.monotonic() by which the answer must be in
 
 
 class RedisStore:
     """The shared store. Safe to use from many requests at once.
 
     Requests that reach the store in the same event-loop turn go to Redis
-    together: one ``EVALSHA`` of each script carries all of them (the scripts
-    loop over their requests, each handled exactly as if alone, and the whole
-    batch is atomic). Nothing waits for a batch to fill, so an idle gateway's
-    latency is one round trip; under load the client-side cost per request
-    drops several times over (one command to encode, send and parse instead of
-    many). At most ``MAX_IN_FLIGHT`` batches are out at once: past that, new
-    requests join the next batch, sent as soon as one returns (and a request
-    that waited out its whole deadline there fails like a timeout).
-
-    Slots are never leaked by a failure on our side: the batch, not the
-    request, owns each Redis call, so a request cancelled while its call is in
-    flight has its slot freed when the answer comes back, and a call whose
-    outcome is unknown (timeout, connection lost) has its slot freed once Redis
-    answers again (the health loop drains these repairs).
+    together (``redis_batch.Batcher``). Slots are never leaked by a failure on
+    our side: a call whose outcome is unknown (timeout, connection lost) has
+    its slot put on the repair list, freed once Redis answers again (the
+    health loop drains these repairs).
     """
 
     def __init__(self, config: QuotaConfig, metrics: Metrics | None = None, *, client: Any = None,
@@ -106,11 +83,11 @@ class RedisStore:
         self._client = client if client is not None else connect(config)
         # Redis Cluster: one request per script call (its keys share one slot; a batch's would not).
         self._batch_max = 1 if isinstance(self._client, RedisCluster) else MAX_BATCH
-        self._queue: list[_Call] = []
-        self._batches: set[asyncio.Task[None]] = set()
         self._repairs: deque[tuple[str, str]] = deque(maxlen=MAX_REPAIRS)
-        self._limit_args: dict[Limits, str] = {}
-        self._keys: dict[str, tuple[str, str, str]] = {}
+        self._batcher = Batcher(self._exchange, self._repairs, timeout_s=self._timeout,
+                                batch_max=self._batch_max, late=self._late)
+        self._limit_args: ClearWhenFull[Limits, str] = ClearWhenFull(10_000)  # wire form of each distinct limit
+        self._keys: ClearWhenFull[str, tuple[str, str, str]] = ClearWhenFull(100_000)  # Redis keys of each bucket
         self._leases = Leases()  # this replica's unspent allowances of busy rate-only buckets
         self._failures = 0  # consecutive
         self._fail_fast_until = 0.0
@@ -140,8 +117,7 @@ class RedisStore:
             self._health.cancel()
             await asyncio.wait([self._health], timeout=HEALTH_INTERVAL_S + self._timeout + 0.5)
             self._health = None
-        if self._batches:
-            await asyncio.wait(list(self._batches), timeout=self._timeout * 2)
+        await self._batcher.drain()
         with contextlib.suppress(Exception):
             await self._client.aclose()
 
@@ -160,10 +136,8 @@ class RedisStore:
         """Rate bucket, in-flight slots, token budget: one hash tag, so one Cluster slot."""
         keys = self._keys.get(bucket)
         if keys is None:
-            if len(self._keys) >= 100_000:
-                self._keys.clear()
             p = self._prefix
-            keys = self._keys[bucket] = (f"{p}tb:{{{bucket}}}", f"{p}cc:{{{bucket}}}", f"{p}tk:{{{bucket}}}")
+            keys = self._keys.put(bucket, (f"{p}tb:{{{bucket}}}", f"{p}cc:{{{bucket}}}", f"{p}tk:{{{bucket}}}"))
         return keys
 
     async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
@@ -175,8 +149,6 @@ class RedisStore:
         keys = self.keys(bucket)
         wire = self._limit_args.get(limits)
         if wire is None:
-            if len(self._limit_args) > 10_000:
-                self._limit_args.clear()
             wire = self._limit_args[limits] = (f"{limits.rate_per_s!r} {limits.burst} {limits.max_concurrent} "
                                                f"{limits.tokens_per_minute}")
         if want > 1:
@@ -226,7 +198,7 @@ class RedisStore:
         """Slots whose release is owed to Redis (freed once it answers again)."""
         return len(self._repairs)
 
-    # ---- batching
+    # ---- to Redis (requests are batched by redis_batch.Batcher)
 
     async def _submit(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...],
                       slot: tuple[str, str] | None) -> Any:
@@ -234,91 +206,17 @@ class RedisStore:
             if slot is not None and script is RELEASE:
                 self._repairs.append(slot)
             raise StoreError(self._last_error or "quota store unavailable")
-        loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, loop.create_future(), slot, time.monotonic() + self._timeout)
-        self._queue.append(call)
-        if len(self._queue) == 1 and len(self._batches) < MAX_IN_FLIGHT:
-            loop.call_soon(self._flush)
-        try:
-            return await call.future
-        except asyncio.CancelledError:
-            # Cancelled after the answer arrived but before this request could use it:
-            # nobody will release a slot it was given, so give it back now.
-            future = call.future
-            if (slot is not None and script is ACQUIRE and future.done() and not future.cancelled()
-                    and future.exception() is None and future.result()[0] == 1):
-                self._repairs.append(slot)
-            raise
+        return await self._batcher.submit(script, keys, args, slot)
 
-    def _flush(self) -> None:
-        """Send what is queued, unless MAX_IN_FLIGHT batches are out (then the next answer sends it)."""
-        if not self._queue or len(self._batches) >= MAX_IN_FLIGHT:
-            return
-        batch, self._queue = self._queue, []
-        now = time.monotonic()
-        late = [c for c in batch if c.deadline <= now]
-        if late:  # waited a whole timeout for a batch slot: Redis is too slow; never send them
-            self._failed(f"no answer within {self._config.timeout_ms} ms")
-            for call in late:
-                if call.slot is not None and call.script is RELEASE:
-                    self._repairs.append(call.slot)
-                if not call.future.done():
-                    call.future.set_exception(StoreError(self._last_error or "timeout"))
-            batch = [c for c in batch if c.deadline > now]
-            if not batch:
-                return
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._batches.add(task)
-        task.add_done_callback(self._batch_done)
+    async def _exchange(self, commands: Commands, timeout: float) -> list[Any]:
+        """The batcher's way to Redis: the script calls sent under its deadline."""
+        replies: list[Any] = await self._call(lambda: self._send(commands), timeout=timeout)
+        return replies
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
-        if self._queue:
-            self._flush()
-
-    async def _run(self, batch: list[_Call]) -> None:
-        try:
-            await self._settle(batch)
-        except BaseException as exc:  # never leave a request waiting on a future nobody will resolve
-            log.exception("quota batch failed unexpectedly")
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(StoreError(f"{type(exc).__name__}: {exc}"))
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _settle(self, batch: list[_Call]) -> None:
-        commands: list[tuple[Script, list[_Call]]] = []
-        for script in (ACQUIRE, RELEASE):
-            calls = [c for c in batch if c.script is script]
-            for i in range(0, len(calls), self._batch_max):
-                commands.append((script, calls[i:i + self._batch_max]))
-        deadline = min(c.deadline for c in batch)
-        try:
-            replies = await self._call(lambda: self._send([(s, [(c.keys, c.args) for c in cs]) for s, cs in commands]),
-                                       timeout=max(0.001, deadline - time.monotonic()))
-        except StoreError as exc:
-            for call in batch:
-                if call.slot is not None:  # outcome unknown: the slot may be taken; free it later
-                    self._repairs.append(call.slot)
-                if not call.future.done():
-                    call.future.set_exception(StoreError(str(exc)))
-            return
-        for (script, calls), reply in zip(commands, replies):
-            width = 5 if script is ACQUIRE else 1
-            values = [] if isinstance(reply, BaseException) else integers(reply)
-            for i, call in enumerate(calls):
-                if isinstance(reply, BaseException):
-                    if call.slot is not None:
-                        self._repairs.append(call.slot)
-                    if not call.future.done():
-                        call.future.set_exception(StoreError(f"{type(reply).__name__}: {reply}"))
-                    continue
-                result = values[i * width:(i + 1) * width]
-                if not call.future.done():
-                    call.future.set_result(result)
-                elif script is ACQUIRE and call.slot is not None and result[0] == 1:
-                    self._repairs.append(call.slot)  # admitted, but the request is gone: give the slot back
+    def _late(self) -> StoreError:
+        """Calls waited a whole timeout for a batch slot: Redis is too slow, count it as a failure."""
+        self._failed(f"no answer within {self._config.timeout_ms} ms")
+        return StoreError(self._last_error or "timeout")
 
     async def _send(self, commands: list[tuple[Script, Requests]]) -> list[Any]:
         """One reply (or ResponseError) per script call; connection failures raise."""

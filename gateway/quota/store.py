@@ -10,7 +10,9 @@ arithmetic, so a single instance with ``store: memory`` behaves like a fleet
 sharing Redis.
 
 Any failure to reach the store raises ``StoreError``; the quota stage turns it
-into 503 or a pass according to ``on_store_error``.
+into 503 or a pass according to ``on_store_error``. This module only defines
+the contract: ``gateway.quota.stores`` opens the store a config names, so the
+stores import the contract and never the other way round.
 """
 
 from __future__ import annotations
@@ -19,11 +21,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from ..config import QuotaConfig
-    from ..metrics import Metrics
+from typing import Protocol
 
 # A Redis slot nobody has refreshed for this long is presumed leaked by a
 # crashed replica and freed. The slots of live requests are refreshed every
@@ -122,14 +120,3 @@ class QuotaStore(Protocol):
     def ready(self) -> str | None:
         """None when the store answered its last call or health check; else why not. Never blocks."""
         ...
-
-
-def open_store(config: QuotaConfig, metrics: Metrics | None = None) -> QuotaStore:
-    """The store ``config.store`` names: ``memory`` or a Redis URL (plain, TLS, unix, Sentinel, Cluster)."""
-    if config.store == "memory":
-        from .memory_store import MemoryStore
-
-        return MemoryStore(metrics)
-    from .redis_store import RedisStore
-
-    return RedisStore(config, metrics, slot_ttl_s=SLOT_TTL_S)

@@ -116,7 +116,8 @@ class Authenticate:
         if cn is None:
             raise AuthFailure("bad_certificate", "client certificate subject has no single common name")
         claims = MappingProxyType({"sub": cn, "roles": list(self._mtls_roles)})
-        return Identity(subject=cn, roles=self._mtls_roles, claims=claims, method="mtls", credential_id=None)
+        return Identity(subject=cn, roles=self._mtls_roles, claims=claims, method="mtls", credential_id=None,
+                        cache_key="mtls:" + cn)  # the CN and the configured roles are all the identity holds
 
 
 def bearer_token(value: str) -> str:

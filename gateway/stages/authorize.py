@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("maas.policy")
 
 NO_POLICY = Decision(False, DEFAULT_DENY)
-MAX_COUNTERS = 4096  # (rule, decision) metric children remembered; bounded across many reloads
 
 
 def utc_hour() -> int:
@@ -43,12 +42,11 @@ class Authorize:
     def __init__(self, policy: Any, metrics: Metrics) -> None:
         self.policy = policy  # a PolicyStore (gateway.policy.store) or None: then everything is denied
         self.metrics = metrics
-        self._counters: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, ctx: RequestContext) -> None:
         decision = self.decide(ctx, ctx.model_name, ctx.model, ctx.action)
         ctx.decision = decision
-        self._count(decision)
+        self.metrics.policy_decisions.labels(decision.rule, "allow" if decision.allowed else "deny").inc()
         for rule_id, would_allow in decision.shadow:
             would = "allow" if would_allow else "deny"
             self.metrics.policy_shadow.labels(rule=rule_id, would=would).inc()
@@ -66,21 +64,12 @@ class Authorize:
         if current is None or identity is None or not model_name or not action:
             return NO_POLICY
         labels = model.labels if model is not None else None
-        return current.enforcer.decide_for(identity, model_name, labels, action, lambda: request_facts(ctx))
+        decision: Decision = current.enforcer.decide_for(identity, model_name, labels, action, lambda: request_facts(ctx))
+        return decision
 
     def allowed_models(self, ctx: RequestContext, models: Mapping[str, ModelConfig]) -> list[str]:
         """Names of the models the caller may ``read`` (for ``GET /v1/models``), in config order."""
         return [name for name, model in models.items() if self.decide(ctx, name, model, "read").allowed]
-
-    def _count(self, decision: Decision) -> None:
-        key = (decision.rule, "allow" if decision.allowed else "deny")
-        counter = self._counters.get(key)
-        if counter is None:
-            if len(self._counters) >= MAX_COUNTERS:
-                self._counters.clear()
-            counter = self._counters[key] = self.metrics.tally(
-                self.metrics.policy_decisions.labels(rule=key[0], decision=key[1]))
-        counter.inc()
 
 
 def build(services: Services) -> Authorize:

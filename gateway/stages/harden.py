@@ -8,15 +8,15 @@ of the score tensor a caller gets: the ``top_k`` best classes, only the label
 scale 1/``noise_epsilon`` added before ranking and rounding.
 
 Runs after the backend, on allowed v2 ``infer`` answers that are not streamed.
-The most specific matching rule applies — an entry naming the subject beats
-one naming a role, which beats a wildcard; among equals, the more specific
-model pattern, then the earlier entry. If a rule applies but the answer cannot
+The most specific matching rule applies, by the rule quotas use too
+(:mod:`gateway.specificity`): an entry naming the subject beats one naming a
+role, which beats a wildcard; among equals, the more specific model pattern,
+then the earlier entry. If a rule applies but the answer cannot
 be rewritten, the answer is withheld (502): hardening fails closed.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import orjson
 
 from ..errors import BackendError
 from ..pipeline import BackendResponse, RequestContext, RouteKind
+from ..specificity import MostSpecific
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from ..services import PolicySource, Services
 
 FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
-_SUBJECT, _ROLE, _WILDCARD = 3, 2, 1
 
 
 def build(services: Services) -> Harden | None:
@@ -50,48 +50,14 @@ def rule_id(rule: OutputRule, index: int) -> str:
 
 
 def select(rules: list[OutputRule], subject: str | None, roles: tuple[str, ...] | list[str],
-           model: str) -> tuple[int, OutputRule] | None:
-    """The (index, rule) that applies to ``subject`` with ``roles`` on ``model``, or None."""
-    best: tuple[tuple[int, int, int], int, OutputRule] | None = None
-    role_set = set(roles)
-    for i, rule in enumerate(rules):
-        model_rank = _model_rank(rule.models, model)
-        if model_rank is None:
-            continue
-        who = _who_rank(rule, subject, role_set)
-        if who is None:
-            continue
-        rank = (who, model_rank, -i)
-        if best is None or rank > best[0]:
-            best = (rank, i, rule)
-    return (best[1], best[2]) if best else None
+           model: str, compiled: MostSpecific | None = None) -> tuple[int, OutputRule] | None:
+    """The (index, rule) that applies to ``subject`` with ``roles`` on ``model``, or None.
 
-
-def _model_rank(patterns: list[str], model: str) -> int | None:
-    rank = None
-    for p in patterns:
-        if p == model:
-            return 2
-        if fnmatch.fnmatchcase(model, p):
-            rank = 0 if p == "*" else max(rank or 0, 1)
-    return rank
-
-
-def _who_rank(rule: OutputRule, subject: str | None, roles: set[str]) -> int | None:
-    if rule.subjects is None and rule.roles is None:
-        return _WILDCARD
-    rank = None
-    if rule.subjects is not None:
-        if subject is not None and subject in rule.subjects:
-            return _SUBJECT
-        if "*" in rule.subjects:
-            rank = _WILDCARD
-    if rule.roles is not None:
-        if roles & set(rule.roles):
-            return _ROLE
-        if "*" in rule.roles:
-            rank = _WILDCARD
-    return rank
+    ``compiled`` is ``MostSpecific(rules)`` kept by the caller, so the hot path
+    does not recompile the patterns per request.
+    """
+    index = (compiled or MostSpecific(rules)).index(subject, roles, model)
+    return None if index is None else (index, rules[index])
 
 
 def is_noop(rule: OutputRule) -> bool:
@@ -121,6 +87,8 @@ class Harden:
         self._policy = policy
         self._metrics = metrics
         self._rng = np.random.default_rng(seed)  # seeded from OS entropy unless a test fixes it
+        self._outputs: list[OutputRule] | None = None  # the outputs section compiled below
+        self._compiled: MostSpecific | None = None
 
     async def __call__(self, ctx: RequestContext, response: BackendResponse) -> BackendResponse:
         if response.stream is not None or not 200 <= response.status < 300:
@@ -133,7 +101,10 @@ class Harden:
             return response
         identity = ctx.identity
         roles = ctx.decision.roles or (identity.roles if identity else ())
-        chosen = select(document.outputs, identity.subject if identity else None, roles, ctx.model_name)
+        if document.outputs is not self._outputs or self._compiled is None:  # a reload swapped the document
+            self._compiled, self._outputs = MostSpecific(document.outputs), document.outputs
+        chosen = select(document.outputs, identity.subject if identity else None, roles, ctx.model_name,
+                        self._compiled)
         if chosen is None or is_noop(chosen[1]):
             return response
         index, rule = chosen

@@ -24,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from ..cache import ClearWhenFull
 from ..errors import RateLimited, Unavailable
 from ..pipeline import RouteKind
 from ..quota import llm_tokens
 from ..quota.concurrency import Hold, new_slot_id
 from ..quota.matching import MatcherCache
-from ..quota.store import Limits, QuotaStore, StoreError, bucket_id, open_store
+from ..quota.store import Limits, QuotaStore, StoreError, bucket_id
+from ..quota.stores import open_store
 
 if TYPE_CHECKING:
     from ..config import QuotaConfig
@@ -59,7 +61,8 @@ class Quota:
         self.store = store
         self._deny = config.on_store_error == "deny"
         self._matchers = MatcherCache()
-        self._buckets: dict[tuple[str, str, str], str] = {}  # (entry id, subject, model) -> bucket id
+        # (entry id, subject, model) -> bucket id: cheap to rebuild, so emptied when full
+        self._buckets: ClearWhenFull[tuple[str, str, str], str] = ClearWhenFull(BUCKET_CACHE_SIZE)
         self._on_store_error = self._count_store_error
 
     # ---- lifecycle (called by the app)
@@ -107,9 +110,7 @@ class Quota:
         bucket_key = (entry.id, identity.subject, model)
         bucket = self._buckets.get(bucket_key)
         if bucket is None:
-            if len(self._buckets) >= BUCKET_CACHE_SIZE:
-                self._buckets.clear()
-            bucket = self._buckets[bucket_key] = bucket_id(entry.id, identity.subject, model)
+            bucket = self._buckets.put(bucket_key, bucket_id(entry.id, identity.subject, model))
         slot = new_slot_id() if limits.needs_release else ""
         try:
             verdict = await self.store.acquire(bucket, limits, slot, cost)

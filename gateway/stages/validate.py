@@ -101,7 +101,8 @@ def describe(error: jsonschema_rs.ValidationError) -> str:
         path.append(str(info.get("property", "")))
         rule = "is required"
     else:
-        rule = _RULES.get(name, _fallback)(info, error)
+        describe: Callable[[dict[str, Any], Any], str] = _RULES.get(name, _fallback)
+        rule = describe(info, error)
     return f"{_pointer(path) or '(root)'}: {rule}"
 
 

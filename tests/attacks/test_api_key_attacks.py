@@ -145,7 +145,7 @@ async def test_api_keys_through_the_gateway(tmp_path, keys):
     import aiohttp
     from harness import ALLOW_ANALYSTS, start_gateway, start_upstream, v2_model
 
-    from gateway.auth.api_keys import revoke_key
+    from gateway.auth.key_file import revoke_key
 
     file = tmp_path / "api_keys.yaml"
     file.write_text(yaml.safe_dump([{"id": "live", "hash": hash_key(KEY), "subject": "svc-a", "roles": ["analyst"]}]))

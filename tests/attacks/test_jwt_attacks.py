@@ -263,7 +263,7 @@ async def test_jku_header_pointing_elsewhere_is_never_fetched(stage, attacker_ke
     auth, _ = stage
     url, hits = attacker_jwks
     await _refused(auth, _token(attacker_key, kid=kid, headers={"jku": url}))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a fetch that must never come (nothing to wait on)
     assert hits == []
 
 
@@ -271,7 +271,7 @@ async def test_x5u_header_is_never_fetched(stage, attacker_key, attacker_jwks):
     auth, _ = stage
     url, hits = attacker_jwks
     await _refused(auth, _token(attacker_key, kid="rsa-1", headers={"x5u": url}))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a window for a fetch that must never come (nothing to wait on)
     assert hits == []
 
 
@@ -355,7 +355,7 @@ async def test_cache_does_not_serve_an_expired_token(jwks_file, rsa_key):
     await auth(ctx)  # verified and cached
     await auth(_ctx(headers={"Authorization": f"Bearer {token}"}))
     assert metrics.registry.get_sample_value("maas_auth_token_cache_total", {"result": "hit"}) == 1
-    await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
+    await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)  # the thing under test: the token's exp passes
     error = await _refused(auth, token)
     assert error.message == "token expired"
     assert auth.jwt is not None and auth.jwt.cached(token) is None

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from backends.base import BackendEnv
 from backends.torch import TorchBackend, TorchBackendConfig, artifact, signing
+from gateway.backend import BackendEnv
 from gateway.config import ModelConfig, ServerConfig
 from gateway.errors import ConfigError, Unavailable
 from gateway.metrics import Metrics

@@ -16,9 +16,9 @@ from gateway.errors import RateLimited
 from gateway.metrics import Metrics
 from gateway.pipeline import RouteKind
 from gateway.policy.document import QuotaRule
-from gateway.quota.store import open_store
+from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
-from harness import ALLOW_ANALYSTS, Keys, openai_model, start_gateway, start_upstream, v2_model
+from harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, start_gateway, start_upstream, v2_model
 from quota_support import Policy, context, delete_prefix, document, finish, unique_prefix
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
@@ -128,7 +128,7 @@ async def test_reused_request_id_does_not_share_a_concurrency_slot(tmp_path: Pat
                     return r.status
 
             tasks = [asyncio.create_task(send()) for _ in range(6)]
-            await asyncio.sleep(0.5)
+            await eventually(lambda: sum(t.done() for t in tasks) >= 4)  # two held at the upstream, four refused
             release.set()
             statuses = sorted(await asyncio.gather(*tasks))
         assert statuses == [200, 200, 429, 429, 429, 429]
