@@ -28,12 +28,27 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
 from .cache import ClearWhenFull
+
+# ConnectionCounter attribute -> the `limit` label of maas_client_connections_closed_total
+_CONNECTION_LIMITS = (("refused", "max_connections"), ("head_timeouts", "header_timeout_s"),
+                      ("heads_too_large", "max_header_bytes"), ("write_timeouts", "client_write_timeout_s"))
+
+
+class ConnectionTallies(Protocol):
+    """What the metrics read of a listener's connection counter (kept structural: no import of the server side)."""
+
+    total: int
+    refused: int
+    head_timeouts: int
+    heads_too_large: int
+    write_timeouts: int
+
 
 FLUSH_EVERY_S = 1.0  # under --workers: how stale another worker's tallies may be at a scrape
 MAX_LABEL_SETS = 10_000  # label-value tuples a hot metric remembers (cleared when full: a re-lookup, never a loss)
@@ -179,6 +194,8 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._tallies: dict[int, Tally | HistogramTally] = {}  # by id(child); a tally keeps its child alive
         self._flusher: asyncio.TimerHandle | None = None
+        self._connections: ConnectionTallies | None = None  # set before any metric: registering one flushes
+        self._connections_seen: dict[str, int] = {}
         r.register(_FlushFirst(self))  # type: ignore[arg-type]  # a collector needs only collect()
         # requests
         # hot (HotMetric, or a Tally when unlabelled): updated on every request, summed in memory
@@ -247,6 +264,12 @@ class Metrics:
                                             "Audit witness reads or writes that failed.", registry=r)
         self.config_reloads = Counter("maas_reloads_total", "SIGHUP / watch reloads, by component and result.",
                                       ["component", "result"], registry=r)
+        # client connections (server.* limits): read from the listener's counter at each flush, never per request
+        self.client_connections = Gauge("maas_client_connections", "Open client connections.", registry=r,
+                                        multiprocess_mode="livesum")
+        self.client_limit_closes = Counter("maas_client_connections_closed_total",
+                                           "Client connections closed by a server limit, by limit.", ["limit"],
+                                           registry=r)
 
     # -- tallies ------------------------------------------------------------------------
 
@@ -274,9 +297,22 @@ class Metrics:
         assert isinstance(tally, HistogramTally)
         return tally
 
+    def watch_connections(self, counter: ConnectionTallies) -> None:
+        """Export a listener's connection counts (``gateway.connection_limits.ConnectionCounter``) at each flush."""
+        self._connections = counter
+
     def flush(self) -> None:
         for tally in list(self._tallies.values()):
             tally.flush()
+        counter = self._connections
+        if counter is not None:
+            self.client_connections.set(counter.total)
+            for attribute, limit in _CONNECTION_LIMITS:
+                now = getattr(counter, attribute)
+                delta = now - self._connections_seen.get(attribute, 0)
+                if delta > 0:
+                    self.client_limit_closes.labels(limit).inc(delta)
+                    self._connections_seen[attribute] = now
 
     def start_flushing(self) -> None:
         """Under --workers, flush every second so any worker's scrape sees every worker's numbers."""

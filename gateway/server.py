@@ -159,6 +159,7 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     # headers up to 32 KiB reach us, so a too-long token is our 401 rather than the HTTP parser's 400
     max_field = max(32_768, (jwt.max_token_bytes if jwt else 0) * 2)
     counter = ConnectionCounter(ClientLimits.from_config(server_cfg))
+    gateway.metrics.watch_connections(counter)
     server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field,
                      keepalive_timeout=server_cfg.keepalive_timeout_s, counter=counter)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)

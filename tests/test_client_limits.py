@@ -202,6 +202,10 @@ async def test_half_sent_heads_are_closed_within_the_deadline_while_a_real_clien
         await wait_for(lambda: counter.total == 0)
         assert counter.head_timeouts == 400
         assert await served(gw.url, keys) == 200
+        registry = gw.gateway.metrics.registry  # exported at a scrape, never counted per request
+        assert registry.get_sample_value("maas_client_connections_closed_total",
+                                         {"limit": "header_timeout_s"}) == 400
+        assert registry.get_sample_value("maas_client_connections") == 0
     finally:
         for s in socks:
             s.close()
