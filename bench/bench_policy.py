@@ -26,13 +26,12 @@ from types import MappingProxyType
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aiohttp.test_utils import make_mocked_request  # noqa: E402
-
 from gateway.config import ModelConfig, PolicyConfig  # noqa: E402
 from gateway.errors import Forbidden  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.pipeline import Identity, RequestContext, Route, RouteKind  # noqa: E402
 from gateway.policy.store import PolicyStore  # noqa: E402
+from gateway.request import BufferedRequest  # noqa: E402
 from gateway.stages.authorize import Authorize  # noqa: E402
 from gateway.typedyaml import Section, Source  # noqa: E402
 
@@ -48,8 +47,8 @@ LABELS = {"digits": {"sensitivity": "internal"}, "sentiment-en": {"sensitivity":
 
 
 def context(subject: str, roles: tuple[str, ...], claims: dict, model: str) -> RequestContext:
-    request = make_mocked_request("POST", f"/v2/models/{model}/infer")
-    ctx = RequestContext(request, "bench", time.monotonic(), client_ip="127.0.0.1")
+    request = BufferedRequest("POST", f"/v2/models/{model}/infer")
+    ctx = RequestContext(request, "bench", time.monotonic())
     ctx.path = request.path
     ctx.route = Route(RouteKind.V2_INFER, "infer", model, True)
     ctx.model_name = model

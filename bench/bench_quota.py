@@ -30,6 +30,7 @@ from gateway.metrics import Metrics  # noqa: E402
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind  # noqa: E402
 from gateway.policy.document import PolicyDocument, QuotaRule  # noqa: E402
 from gateway.quota.stores import open_store  # noqa: E402
+from gateway.request import BufferedRequest  # noqa: E402
 from gateway.stages.quota import Quota  # noqa: E402
 
 
@@ -52,10 +53,11 @@ async def run(store_url: str, seconds: float, concurrency: int, subjects: int, w
 
     async def worker(n: int) -> None:
         identity = Identity(f"user-{n % subjects}", ("analyst",), {}, "jwt")
+        request = BufferedRequest("POST", "/v2/models/digits/infer")
         decision = Decision(True, "r", ("analyst",))
         while time.perf_counter() < deadline:
-            ctx = RequestContext(None, "rid", 0.0, "127.0.0.1", route=route, model_name="digits",  # type: ignore[arg-type]
-                                 identity=identity, decision=decision)
+            ctx = RequestContext(request, "rid", 0.0, route=route, model_name="digits", identity=identity,
+                                 decision=decision)
             t0 = time.perf_counter()
             await stage(ctx)
             for cb in ctx._cleanups:

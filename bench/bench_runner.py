@@ -101,6 +101,7 @@ async def run_inprocess(weights: Path, arch: str, max_batch: int, device: str, c
     from gateway.config import ModelConfig, ServerConfig
     from gateway.metrics import Metrics
     from gateway.pipeline import RequestContext, Route, RouteKind
+    from gateway.request import BufferedRequest
     from gateway.typedyaml import Source, build
 
     source = Source(file="bench", base_dir=weights.parent)
@@ -111,12 +112,13 @@ async def run_inprocess(weights: Path, arch: str, max_batch: int, device: str, c
     width = backend.declared_inputs()[0].shape[1]  # type: ignore[index]
     payload = {"inputs": [{"name": "input", "shape": [1, width], "datatype": "FP32", "data": sample_pixels(width)}]}
     route = Route(RouteKind.V2_INFER, "infer", "m", True)
+    request = BufferedRequest("POST", "/v2/models/m/infer")
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
 
     async def client() -> None:
         while time.perf_counter() < stop:
-            ctx = RequestContext(None, "r", 0.0, "")  # type: ignore[arg-type]
+            ctx = RequestContext(request, "r", 0.0)
             ctx.route, ctx.json = route, payload
             t0 = time.perf_counter()
             await backend.handle(ctx)

@@ -1,13 +1,16 @@
 """The gateway's error hierarchy and the one table that maps it to HTTP.
 
-Stages raise; exactly one place (``gateway.app``) turns a ``GatewayError`` into
+Stages raise; exactly one place per door (``gateway.http_door``) turns a ``GatewayError`` into
 the JSON error shape. Configuration errors are deliberately *outside* this
 hierarchy: they stop the process (or a reload), they never become a response.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from .usage import Usage
 
 
 class GatewayError(Exception):
@@ -15,6 +18,7 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    usage: Usage | None = None  # set by a backend that failed after the model ran: what the call cost
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

@@ -1,11 +1,14 @@
 """The request context and the contract every pipeline stage keeps.
 
-A request flows through ordered stages: request id -> path -> route ->
-authenticate -> body -> authorise -> quota -> validate -> backend -> harden ->
-audit. Each stage reads what earlier stages wrote to the ``RequestContext`` and
-writes its own result there; it either returns or raises a ``GatewayError``. A
-stage never writes a response and never reaches into another stage's objects:
-the context is the only thing they share.
+A request flows through ordered stages: request id -> framing -> path ->
+authenticate -> route -> body -> model -> authorise -> quota -> validate ->
+backend -> harden -> audit. Each stage reads the transport-neutral request
+(``ctx.request``, see ``gateway.request``) and what earlier stages wrote to the
+``RequestContext``, and writes its own fields there (each field below names
+its writer); it either returns or raises a ``GatewayError``. A stage never
+writes a response and never reaches into another stage's objects: the context
+is the only thing they share. A backend reads the context and answers with a
+``BackendResponse``; it writes nothing on the context.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 
+from .usage import Usage as Usage  # re-exported: a backend answers with it
+
 if TYPE_CHECKING:
-    from aiohttp import web
+    import numpy as np
 
     from .config import ModelConfig
+    from .request import Request
 
 
 class RouteKind(enum.Enum):
@@ -67,32 +73,27 @@ class Decision:
 class RequestContext:
     """Everything the stages know about one request. Created per request, never shared."""
 
-    request: web.BaseRequest  # the low-level server (gateway.server) hands the app a BaseRequest
+    request: Request  # the door's transport-neutral request: method, path, headers, peer, certificate, body
     request_id: str
     started: float  # time.monotonic() at arrival
-    client_ip: str
-    mtls: bool = False
-    client_cert_subject: str | None = None
-    path: str = ""  # normalised path: what every check and the backend see
-    query: str = ""  # raw query string, forwarded as is
-    route: Route | None = None
-    model_name: str | None = None
-    model: ModelConfig | None = None
-    identity: Identity | None = None
-    body: bytes = b""  # the body as received (after the size limit)
-    json: Any = None  # the parsed body, for JSON routes
-    forward_body: bytes | None = None  # what the backend sends upstream (validated bytes); None => body
-    tensors: dict[str, Any] | None = None  # v2: checked floating-point inputs as flat float64 arrays, by name
-    decision: Decision | None = None
-    quota: str = "none"  # "none" | "ok" | "limited" | "store_error" | "error"
+    path: str = ""  # path stage: the normalised path, what every check and the backend see
+    route: Route | None = None  # route stage
+    model_name: str | None = None  # model stage: from the path, or the body of an openai request
+    model: ModelConfig | None = None  # model stage
+    identity: Identity | None = None  # authenticate stage
+    body: bytes = b""  # body stage: the body as received (after the size limit); what the backend forwards
+    json: Any = None  # body stage: the parsed body, for JSON routes
+    # validate stage, v2 infer: the checked floating-point inputs of ``json``, by input name, as flat float64
+    # arrays (the same numbers, converted once); a backend may take them instead of converting ``json`` again
+    validated_inputs: Mapping[str, np.ndarray] | None = None
+    decision: Decision | None = None  # authorise stage
+    visible_models: tuple[str, ...] = ()  # authorise stage, GET /v1/models: the models the caller may read
+    quota: str = "none"  # quota stage: "none" | "ok" | "limited" | "store_error" | "error"
     response_headers: dict[str, str] = field(default_factory=dict)  # added to the final response
-    status: int = 0
-    bytes_out: int = 0
-    error_type: str | None = None
-    llm_usage_tokens: int | None = None  # openai: usage.total_tokens reported by the upstream
-    llm_answered: bool = False  # openai: the upstream answered 2xx (no usage then: the whole reservation is charged)
+    usage: Usage | None = None  # the gateway, from the backend's answer (or its error)
+    status: int = 0  # the door, as it answers
+    bytes_out: int = 0  # the door, as it answers
     _cleanups: list[Callable[[RequestContext], Awaitable[None] | None]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-private values, keyed by stage name
 
     @property
     def action(self) -> str | None:
@@ -101,6 +102,15 @@ class RequestContext:
     @property
     def bytes_in(self) -> int:
         return len(self.body)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The caller's effective roles: the policy's (after inheritance) once authorised, else the credential's."""
+        decision = self.decision
+        if decision is not None and decision.roles:
+            return decision.roles
+        identity = self.identity
+        return identity.roles if identity is not None else ()
 
     def on_finish(self, callback: Callable[[RequestContext], Awaitable[None] | None]) -> None:
         """Run ``callback`` when the request ends, on every exit path (success, error, disconnect)."""
@@ -130,6 +140,7 @@ class BackendResponse:
     json: Any = None
     content_type: str = "application/json"
     release: Callable[[], Awaitable[None] | None] | None = None  # frees the upstream connection
+    usage: Usage | None = None  # openai: what the call cost (a stream's relay fills it in as it goes)
 
 
 class ResponseStage(Protocol):

@@ -23,9 +23,10 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .app import Gateway, error_body
+from .app import Gateway
 from .config import GatewayConfig, TlsConfig
 from .connection_limits import ClientLimits, ConnectionCounter, GuardedRequestHandler, head_refusal
+from .http_door import HttpDoor, error_body
 from .plugins import PluggedModel
 
 log = logging.getLogger("maas.server")
@@ -160,7 +161,8 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
     max_field = max(32_768, (jwt.max_token_bytes if jwt else 0) * 2)
     counter = ConnectionCounter(ClientLimits.from_config(server_cfg))
     gateway.metrics.watch_connections(counter)
-    server = _Server(gateway.handle, handler_cancellation=True, access_log=None, max_field_size=max_field,
+    door = HttpDoor(gateway, tls=server_cfg.tls is not None)
+    server = _Server(door.handle, handler_cancellation=True, access_log=None, max_field_size=max_field,
                      keepalive_timeout=server_cfg.keepalive_timeout_s, counter=counter)
     runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
     runners: list[web.BaseRunner] = []

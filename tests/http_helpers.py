@@ -7,14 +7,13 @@ import time
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiohttp.test_utils import make_mocked_request
-from multidict import CIMultiDict
 
 from backends.http import HttpBackend, HttpBackendConfig
 from gateway.backend import BackendEnv
 from gateway.config import ServerConfig
 from gateway.metrics import Metrics
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
+from gateway.request import BufferedRequest
 
 ROUTES = {
     RouteKind.V2_INFER: ("POST", "infer", True),
@@ -33,7 +32,6 @@ def make_ctx(
     query: str = "",
     body: bytes = b"",
     json: Any = None,
-    forward_body: bytes | None = None,
     headers: list[tuple[str, str]] | None = None,
     method: str | None = None,
     subject: str | None = "alice",
@@ -48,15 +46,14 @@ def make_ctx(
     method = method or default_method
     if json is not None and not body:
         body = orjson.dumps(json)
-    target = f"{path}?{query}" if query else path
-    request = make_mocked_request(method, target, headers=CIMultiDict(headers or []),
-                                  sslcontext=object() if secure else None)
+    request = BufferedRequest(method, path, query=query, headers=headers or [], peer=client_ip, secure=secure,
+                              body=body)
     identity = Identity(subject, roles, {"sub": subject, "roles": list(roles)}, "jwt") if subject is not None else None
     decision = Decision(True, "test-rule", roles=decision_roles) if decision_roles is not None else None
     return RequestContext(
-        request=request, request_id=request_id, started=time.monotonic(), client_ip=client_ip, mtls=False,
-        path=path, query=query, route=Route(kind, action, model if kind is not RouteKind.OPENAI else None, json_body),
-        model_name=model, identity=identity, body=body, json=json, forward_body=forward_body, decision=decision,
+        request=request, request_id=request_id, started=time.monotonic(),
+        path=path, route=Route(kind, action, model if kind is not RouteKind.OPENAI else None, json_body),
+        model_name=model, identity=identity, body=body, json=json, decision=decision,
     )
 
 

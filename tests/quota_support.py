@@ -16,6 +16,7 @@ import redis
 
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
 from gateway.policy.document import PolicyDocument, QuotaRule
+from gateway.request import BufferedRequest
 from harness import free_port  # noqa: F401  (re-exported: quota tests import it from here)
 
 
@@ -113,10 +114,9 @@ def context(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model
         route = Route(kind, "infer", model, True)
         path = path or f"/v2/models/{model}/infer"
     return RequestContext(
-        request=None,  # type: ignore[arg-type]
+        request=BufferedRequest("POST", path),
         request_id=request_id,
         started=time.monotonic(),
-        client_ip="127.0.0.1",
         path=path,
         route=route,
         model_name=model,

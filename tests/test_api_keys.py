@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import make_mocked_request
 
 from gateway.auth import AuthFailure
 from gateway.auth.api_keys import ApiKeyFile, ApiKeyStore, generate_key, hash_key
@@ -22,6 +21,7 @@ from gateway.config import ApiKeysConfig, AuthConfig, GatewayConfig
 from gateway.errors import CliError, ConfigError
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext
+from gateway.request import BufferedRequest
 from gateway.services import Services
 from gateway.stages import authenticate
 
@@ -48,8 +48,7 @@ def _revoke(file: Path, key_id: str) -> int:
 
 
 def _ctx(headers: dict[str, str]) -> RequestContext:
-    return RequestContext(request=make_mocked_request("GET", "/v1/models", headers=headers), request_id="t",
-                          started=0.0, client_ip="127.0.0.1")
+    return RequestContext(BufferedRequest("GET", "/v1/models", headers=headers), "t", 0.0)
 
 
 def _stage(path: Path, metrics: Metrics | None = None) -> authenticate.Authenticate:

@@ -6,7 +6,9 @@ mTLS and header handling.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import ssl
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +17,6 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -28,7 +29,9 @@ from gateway.config import JwtConfig, MtlsAuthConfig
 from gateway.errors import ConfigError, InvalidRequest, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext
-from gateway.stages.authenticate import Authenticate, common_name
+from gateway.request import BufferedRequest, CertificateSubject, subject_of_certificate, subject_of_name
+from gateway.stages.authenticate import Authenticate
+from gateway.stages.framing import Framing
 from harness import eventually
 
 ISSUER = "https://idp.example"
@@ -89,10 +92,20 @@ def _verifier(metrics: Metrics | None = None, **settings: Any) -> JwtVerifier:
     return JwtVerifier.from_config(JwtConfig(**base), metrics or Metrics())
 
 
-def _ctx(headers: Any = None, *, mtls: bool = False, cert_subject: Any = None) -> RequestContext:
-    request = make_mocked_request("GET", "/v1/models", headers=headers or {})
-    return RequestContext(request=request, request_id="t", started=0.0, client_ip="127.0.0.1",
-                          mtls=mtls, client_cert_subject=cert_subject)
+def _ctx(headers: Any = None, *, cert: CertificateSubject | None = None) -> RequestContext:
+    """A request as the door hands it on; ``cert``: the subject of a client certificate the handshake verified."""
+    request = BufferedRequest("GET", "/v1/models", headers=headers or {}, secure=cert is not None, client_subject=cert)
+    return RequestContext(request, "t", 0.0)
+
+
+def _subject(dn: str) -> CertificateSubject:
+    """The subject of a certificate whose subject is the RFC 4514 name ``dn``."""
+    return subject_of_name(x509.Name.from_rfc4514_string(dn))
+
+
+def _cn(*names: str) -> CertificateSubject:
+    """A subject of only these common names, verbatim."""
+    return CertificateSubject(tuple(("CN", name) for name in names))
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -505,42 +518,55 @@ def stage(jwks_file) -> Authenticate:
 
 
 async def test_client_certificate_authenticates_as_its_common_name(stage):
-    ctx = _ctx(mtls=True, cert_subject="CN=svc-batch,O=Acme,C=DE")
+    ctx = _ctx(cert=_subject("CN=svc-batch,O=Acme,C=DE"))
     await stage(ctx)
     assert ctx.identity is not None
     assert (ctx.identity.subject, ctx.identity.roles, ctx.identity.method) == ("svc-batch", ("service",), "mtls")
     assert ctx.identity.claims == {"sub": "svc-batch", "roles": ["service"]}
 
 
-async def test_client_certificate_in_getpeercert_form(stage):
-    subject = ((("countryName", "DE"),), (("organizationName", "Acme"),), (("commonName", "svc-x"),))
-    ctx = _ctx(mtls=True, cert_subject=subject)
+async def test_client_certificate_in_any_attribute_order(stage):
+    ctx = _ctx(cert=CertificateSubject((("C", "DE"), ("O", "Acme"), ("CN", "svc-x"))))
     await stage(ctx)
     assert ctx.identity is not None and ctx.identity.subject == "svc-x"
 
 
-async def test_client_certificate_as_the_bare_common_name(stage):
-    ctx = _ctx(mtls=True, cert_subject="svc-batch")  # what gateway.app sets
+async def test_client_certificate_common_name_is_taken_verbatim(stage):
+    ctx = _ctx(cert=_subject(r"CN=Doe\, Jane,O=Acme"))
     await stage(ctx)
-    assert ctx.identity is not None and ctx.identity.subject == "svc-batch"
+    assert ctx.identity is not None and ctx.identity.subject == "Doe, Jane"
 
 
-@pytest.mark.parametrize("subject", ["O=Acme", "CN=a+CN=b", "CN=a,CN=b", "CN=", "svc\nx", "CN=svc\r\nX: y",
-                                     ((("organizationName", "x"),),)])
-async def test_certificate_without_a_single_common_name_is_refused(stage, subject):
+@pytest.mark.parametrize("subject", [
+    _subject("O=Acme"), _subject("CN=a+CN=b"), _subject("CN=a,CN=b"), _cn(""), _cn("svc\nx"),
+    _subject("CN=svc\r\nX: y"), CertificateSubject((("O", "x"),)),
+    _cn("O=x,CN=svc-batch"),  # a CN that reads like a distinguished name is never read as one
+    _subject(r"CN=O\=x\,CN\=svc-batch"), _cn("svc-batch", "svc-batch"),
+], ids=["no-cn", "multi-valued-rdn", "two-cns", "empty", "newline", "header-injection", "only-o", "dn-in-cn",
+        "dn-in-cn-escaped", "same-cn-twice"])
+async def test_certificate_without_a_single_plain_common_name_is_refused(stage, subject):
     with pytest.raises(Unauthenticated):
-        await stage(_ctx(mtls=True, cert_subject=subject))
+        await stage(_ctx(cert=subject))
 
 
-def test_common_name_parses_escapes():
-    assert common_name(r"CN=Doe\, Jane,O=Acme") == "Doe, Jane"
+def test_subject_is_parsed_from_the_certificate_itself():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "x")]),
+                      x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, "O=x,CN=svc-batch")])])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
+            .not_valid_after(datetime.datetime(2030, 1, 1)).sign(key, hashes.SHA256()))
+    subject = subject_of_certificate(cert.public_bytes(serialization.Encoding.DER))
+    assert subject.attributes == (("O", "x"), ("CN", "O=x,CN=svc-batch"))
+    assert subject.common_name == "O=x,CN=svc-batch"
+    assert subject_of_certificate(b"not a certificate").common_name is None  # unreadable: fails closed
 
 
 async def test_a_token_wins_over_the_certificate_and_is_always_verified(stage, keys):
-    good = _ctx({"Authorization": f"Bearer {_token(keys['rsa'])}"}, mtls=True, cert_subject="CN=svc")
+    good = _ctx({"Authorization": f"Bearer {_token(keys['rsa'])}"}, cert=_cn("svc"))
     await stage(good)
     assert good.identity is not None and (good.identity.subject, good.identity.method) == ("alice", "jwt")
-    bad = _ctx({"Authorization": f"Bearer {_token(keys['rsa2'])}"}, mtls=True, cert_subject="CN=svc")
+    bad = _ctx({"Authorization": f"Bearer {_token(keys['rsa2'])}"}, cert=_cn("svc"))
     with pytest.raises(Unauthenticated):
         await stage(bad)
     assert bad.identity is None
@@ -549,13 +575,22 @@ async def test_a_token_wins_over_the_certificate_and_is_always_verified(stage, k
 async def test_certificate_is_not_an_identity_without_auth_mtls(jwks_file):
     stage = Authenticate(Metrics(), jwt=_verifier(algorithms=["RS256"], jwks_file=jwks_file))
     with pytest.raises(Unauthenticated) as info:
-        await stage(_ctx(mtls=True, cert_subject="CN=svc"))
+        await stage(_ctx(cert=_cn("svc")))
     assert info.value.error is None
 
 
 async def test_unverified_connection_is_no_certificate(stage):
+    from gateway.http_door import client_certificate
+
+    class Unverified:  # a TLS server that asked for no client certificate cannot have verified one
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+        def getpeercert(self, binary_form: bool = False) -> bytes:
+            raise AssertionError("never read")
+
+    assert client_certificate(Unverified()) is None  # type: ignore[arg-type]
     with pytest.raises(Unauthenticated):
-        await stage(_ctx(mtls=False, cert_subject="CN=svc"))
+        await stage(_ctx())
 
 
 async def test_no_credentials_is_401_without_an_error_attribute(stage):
@@ -568,10 +603,10 @@ async def test_no_credentials_is_401_without_an_error_attribute(stage):
 
 
 async def test_two_api_key_headers_are_refused(stage):
-    from multidict import CIMultiDict
-
-    with pytest.raises(InvalidRequest):
-        await stage(_ctx(CIMultiDict([("X-API-Key", "mk_a"), ("X-API-Key", "mk_b")])))
+    ctx = _ctx([("X-API-Key", "mk_a"), ("X-API-Key", "mk_b")])
+    with pytest.raises(InvalidRequest):  # by framing, which runs first: the one home of duplicate headers
+        await Framing(1_000_000)(ctx)
+        await stage(ctx)
 
 
 async def test_bearer_on_the_hot_path_is_served_from_the_cache(stage, keys):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jwt
 import pytest
 import yaml
-from aiohttp.test_utils import make_mocked_request
+from cryptography import x509
 
 from gateway.auth.api_keys import ApiKeyStore, generate_key, hash_key
 from gateway.auth.jwt import JwtVerifier
@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Identity, RequestContext
 from gateway.policy.enforcer import PolicyEnforcer
 from gateway.policy.store import load_policy
+from gateway.request import BufferedRequest, subject_of_name
 from gateway.stages.authenticate import Authenticate
 
 SECRET = "memo-test-secret-" + "x" * 32
@@ -63,9 +64,9 @@ def _hits(metrics: Metrics) -> float:
 
 
 def _mtls_ctx(subject: str) -> RequestContext:
-    request = make_mocked_request("GET", "/v2/models/digits", headers={})
-    return RequestContext(request=request, request_id="t", started=0.0, client_ip="127.0.0.1",
-                          mtls=True, client_cert_subject=subject)
+    """A request over a connection whose verified client certificate has the RFC 4514 subject ``subject``."""
+    cert = subject_of_name(x509.Name.from_rfc4514_string(subject))
+    return RequestContext(BufferedRequest("GET", "/v2/models/digits", secure=True, client_subject=cert), "t", 0.0)
 
 
 async def _mtls_identity(stage: Authenticate, subject: str) -> Identity:

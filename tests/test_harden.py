@@ -12,6 +12,7 @@ import pytest
 from gateway.errors import BackendError
 from gateway.metrics import Metrics
 from gateway.pipeline import BackendResponse, Decision, Identity, RequestContext, Route, RouteKind
+from gateway.request import BufferedRequest
 from gateway.policy.document import PolicyDocument, load_document
 from gateway.stages.harden import Harden, select
 
@@ -32,7 +33,7 @@ def policy(tmp_path: Path, outputs: str) -> Policy:
 
 def ctx_for(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model: str = "digits",
             kind: RouteKind = RouteKind.V2_INFER, allowed: bool = True) -> RequestContext:
-    ctx = RequestContext(None, "rid", 0.0, "127.0.0.1")  # type: ignore[arg-type]
+    ctx = RequestContext(BufferedRequest("POST", f"/v2/models/{model}/infer"), "rid", 0.0)
     ctx.route = Route(kind, "infer", model, True)
     ctx.model_name = model
     ctx.identity = Identity(subject, roles, {}, "jwt")

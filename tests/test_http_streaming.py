@@ -13,7 +13,7 @@ from harness import start_upstream
 from http_helpers import RawServer, make_backend, make_ctx, read_all, read_request_head
 from upstreams import running
 
-from backends.http.relay import STREAM_ERROR_KEY
+from backends.http.relay import STREAM_BROKEN
 from gateway.errors import BackendError
 from gateway.pipeline import RouteKind
 
@@ -83,12 +83,13 @@ async def test_openai_stream_asks_for_usage_and_reads_it() -> None:
     async with running([up.url], up, protocol="openai", name="chat") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, model="chat",
                        json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-        relayed = await read_all(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed = await read_all(response)
     forwarded = orjson.loads(up.seen[-1].body)
     assert forwarded["stream_options"] == {"include_usage": True}
     assert forwarded["messages"] == [{"role": "user", "content": "hi"}]
     assert relayed == body.replace(sse(USAGE), b"")  # asked for by the gateway, not the client: not passed on
-    assert ctx.llm_usage_tokens == 9 and ctx.llm_answered
+    assert response.usage is not None and (response.usage.total_tokens, response.usage.answered) == (9, True)
 
 
 async def test_client_stream_options_are_kept_and_usage_always_asked() -> None:
@@ -109,8 +110,9 @@ async def test_completions_stream_counts_text() -> None:
     up = await start_upstream(sse_upstream(parts))
     async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/completions", json={"model": "m", "prompt": "p", "stream": True})
-        await read_all(await backend.handle(ctx))
-    assert ctx.llm_answered and ctx.llm_usage_tokens is None  # no usage: charged its whole reservation
+        response = await backend.handle(ctx)
+        await read_all(response)
+    assert response.usage is not None and response.usage.answered and response.usage.total_tokens is None  # no usage: charged its whole reservation
 
 
 async def test_garbage_in_the_stream_never_breaks_the_relay() -> None:
@@ -121,9 +123,10 @@ async def test_garbage_in_the_stream_never_breaks_the_relay() -> None:
     async with running([up.url], up, protocol="openai") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": [],
                                                      "stream_options": {"include_usage": True}})
-        relayed = await read_all(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed = await read_all(response)
     assert relayed == b"".join(parts)
-    assert ctx.llm_usage_tokens == 3  # the last line had no newline: read at end of stream
+    assert response.usage is not None and response.usage.total_tokens == 3  # the last line had no newline: read at end of stream
 
 
 async def test_event_stream_answer_to_a_raw_request_is_streamed() -> None:
@@ -139,7 +142,7 @@ async def test_event_stream_answer_to_a_raw_request_is_streamed() -> None:
         rest = await read_all(response)
     assert first + rest == b"".join(parts)
     assert first_at < sent_at[-1] - 0.1
-    assert ctx.llm_usage_tokens is None and not ctx.llm_answered  # raw streams are relayed, not scanned
+    assert response.usage is None  # raw streams are relayed, not scanned
 
 
 async def _relay_until_error(response) -> tuple[bytes, Exception | None]:
@@ -165,13 +168,14 @@ async def test_upstream_dying_mid_stream_cuts_the_relay() -> None:
     server = RawServer(script)
     async with running([await server.start()], server, protocol="openai", eject_after_failures=5) as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
-        relayed, error = await _relay_until_error(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed, error = await _relay_until_error(response)
     assert relayed == sse(chunk("partial"))
     # an error, not a clean end: the writer cuts the client connection so truncation is visible
     assert isinstance(error, BackendError) and "127.0.0.1" not in str(error)
-    assert ctx.extra[STREAM_ERROR_KEY] == "upstream connection failed mid-stream"
+    assert response.stream.error == STREAM_BROKEN == "upstream connection failed mid-stream"
     assert backend.upstreams[0].failures == 1  # counted for passive health
-    assert ctx.llm_answered and ctx.llm_usage_tokens is None  # charged its whole reservation
+    assert response.usage is not None and response.usage.answered and response.usage.total_tokens is None  # charged its whole reservation
 
 
 async def test_a_stream_that_goes_silent_ends_after_the_timeout() -> None:
@@ -190,14 +194,15 @@ async def test_a_stream_that_goes_silent_ends_after_the_timeout() -> None:
     started = time.monotonic()
     try:
         ctx = make_ctx(RouteKind.OPENAI, CHAT, json={"model": "m", "stream": True, "messages": []})
-        relayed, error = await _relay_until_error(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed, error = await _relay_until_error(response)
     finally:
         release.set()
         await backend.close()
         await up.stop()
     assert relayed == sse(chunk("a")) and isinstance(error, BackendError)
     assert 0.25 <= time.monotonic() - started < 3
-    assert STREAM_ERROR_KEY in ctx.extra
+    assert response.stream.error == STREAM_BROKEN
 
 
 async def test_releasing_early_frees_the_upstream() -> None:

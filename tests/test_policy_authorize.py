@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import make_mocked_request
 
 from gateway.config import ModelConfig, PolicyConfig
 from gateway.errors import Forbidden
 from gateway.metrics import Metrics
 from gateway.pipeline import Identity, RequestContext, Route, RouteKind
 from gateway.policy.store import PolicyStore
+from gateway.request import BufferedRequest, CertificateSubject
 from gateway.stages.authorize import Authorize, utc_hour
 from gateway.typedyaml import Section, Source
 
@@ -44,8 +44,9 @@ MODELS = {"digits": model("digits"), "chat": model("chat", sensitivity="internal
 
 def ctx_for(roles: Any, model_name: str | None, *, action: str = "infer", method: str = "POST", mtls: bool = False,
             **claims: Any) -> RequestContext:
-    request = make_mocked_request(method, f"/v2/models/{model_name}/infer")
-    ctx = RequestContext(request, "req-1", time.monotonic(), client_ip="10.0.0.1", mtls=mtls)
+    request = BufferedRequest(method, f"/v2/models/{model_name}/infer", peer="10.0.0.1", secure=mtls,
+                              client_subject=CertificateSubject((("CN", "u"),)) if mtls else None)
+    ctx = RequestContext(request, "req-1", time.monotonic())
     ctx.path = request.path
     ctx.route = Route(RouteKind.V2_INFER, action, model_name, json_body=True)
     ctx.model_name = model_name

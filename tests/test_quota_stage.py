@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from gateway.config import QuotaConfig
 from gateway.errors import RateLimited, Unavailable
 from gateway.metrics import Metrics
-from gateway.pipeline import RouteKind
+from gateway.pipeline import RouteKind, Usage
 from gateway.policy.document import QuotaRule
 from gateway.quota.store import bucket_id
 from gateway.quota.stores import open_store
@@ -187,7 +187,7 @@ async def test_token_budget_charged_from_usage_and_enforced(make_stage):
     ctx = context(model="chat", kind=RouteKind.OPENAI, body=body)
     await stage(ctx)  # reserves 100 + 200
     assert ctx.quota == "ok" and ctx.response_headers["RateLimit-Remaining"] == "700"
-    ctx.status, ctx.llm_usage_tokens = 200, 650  # the upstream reported more than estimated
+    ctx.status, ctx.usage = 200, Usage(answered=True, total_tokens=650)  # the upstream reported more than estimated
     await finish(ctx)
     assert sample(stage.metrics, "maas_quota_llm_tokens_total", model="chat") == 650
     over = context(model="chat", kind=RouteKind.OPENAI, body=body)
@@ -197,7 +197,7 @@ async def test_token_budget_charged_from_usage_and_enforced(make_stage):
     assert info.value.message == "token budget exceeded"
     small = context(model="chat", kind=RouteKind.OPENAI, body={**body, "max_tokens": 10})
     await stage(small)
-    small.status, small.llm_answered = 200, True  # answered, but its usage never arrived: all 100 + 10 reserved
+    small.status, small.usage = 200, Usage(answered=True)  # answered, but its usage never arrived: all 100 + 10 reserved
     await finish(small)
     assert sample(stage.metrics, "maas_quota_llm_tokens_total", model="chat") == 650 + 110
     failed = context(model="chat", kind=RouteKind.OPENAI, body={**body, "max_tokens": 10})

@@ -226,11 +226,12 @@ async def test_relay_hides_usage_only_from_clients_that_did_not_ask(options: Any
         if options is not None:
             doc["stream_options"] = options
         ctx = make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat", json=doc)
-        relayed = await read_all(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed = await read_all(response)
     finally:
         await backend.close()
         await up.stop()
-    assert ctx.llm_usage_tokens == 4 and ctx.llm_answered
+    assert response.usage is not None and (response.usage.total_tokens, response.usage.answered) == (4, True)
     if not hidden:
         assert relayed == body  # byte for byte
         return
@@ -247,12 +248,13 @@ async def test_relay_hides_a_last_usage_line_without_newline() -> None:
     try:
         ctx = make_ctx(RouteKind.OPENAI, "/v1/completions", model="chat",
                        json={"model": "chat", "prompt": "p", "stream": True})
-        relayed = await read_all(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed = await read_all(response)
     finally:
         await backend.close()
         await up.stop()
     assert relayed == b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"
-    assert ctx.llm_usage_tokens == 4
+    assert response.usage is not None and response.usage.total_tokens == 4
     assert orjson.loads(up.seen[0].body)["stream_options"] == {"include_usage": True}
 
 
@@ -268,9 +270,10 @@ async def test_relay_hiding_usage_survives_garbage() -> None:
     try:
         ctx = make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat",
                        json={"model": "chat", "stream": True, "messages": []})
-        relayed = await read_all(await backend.handle(ctx))
+        response = await backend.handle(ctx)
+        relayed = await read_all(response)
     finally:
         await backend.close()
         await up.stop()
     assert relayed == (b"".join(parts[:3]) + b'data: {"choices":5}\n\n' + b"x" * 2_000_000 + b"\n\n" + ok)
-    assert ctx.llm_usage_tokens == 3
+    assert response.usage is not None and response.usage.total_tokens == 3

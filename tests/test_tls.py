@@ -23,9 +23,11 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False, san: str | None = None):
+def _cert(subject: str | x509.Name, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False,
+          san: str | None = None):
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
+    name = _name(subject) if isinstance(subject, str) else subject
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
@@ -60,6 +62,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                                       client_key)
     paths["rogue_crt"], paths["rogue_key"] = _write(d, "rogue", _cert("svc-batch", rogue_client_key, rogue_ca.subject,
                                                                       rogue_key), rogue_client_key)
+    # issued by the trusted CA, but naming no one: a CN that reads like a distinguished name, and two CNs
+    for label, subject in (("dn_in_cn", _name("O=x,CN=svc-batch")),
+                           ("two_cns", x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc-batch"),
+                                                  x509.NameAttribute(NameOID.COMMON_NAME, "admin")]))):
+        key = ec.generate_private_key(ec.SECP256R1())
+        paths[f"{label}_crt"], paths[f"{label}_key"] = _write(d, label, _cert(subject, key, ca.subject, ca_key), key)
     return paths
 
 
@@ -121,6 +129,33 @@ async def test_tls_without_client_ca_has_mtls_false(tmp_path: Path, pki: dict[st
             assert r.status == 403  # analysts need request.mtls
             r = await s.post(url, json=V2_BODY, ssl=client_ssl(pki, None), headers=keys.auth("bob", ["batch"]))
             assert r.status == 200
+    finally:
+        await gw.stop()
+        await up.stop()
+
+
+@pytest.mark.parametrize("cert", ["dn_in_cn", "two_cns"])
+async def test_certificate_without_a_single_plain_common_name_is_refused(tmp_path: Path, pki: dict[str, Path],
+                                                                          keys: Keys, cert: str) -> None:
+    """The subject is read from the certificate once: a CN ``O=x,CN=svc-batch`` is not ``svc-batch``, and a
+    certificate naming two CNs names no one. Both connect (the CA issued them) and are refused as credentials."""
+    up = await start_upstream()
+    tls = {"cert_file": str(pki["server_crt"]), "key_file": str(pki["server_key"]), "client_ca_file": str(pki["ca"])}
+    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=POLICY,
+                             server={"tls": tls}, auth={"jwt": keys.jwt_config(), "mtls": {"roles": ["batch"]}})
+    url = gw.url.replace("http://127.0.0.1", "https://localhost") + "/v2/models/digits/infer"
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(url, json=V2_BODY, ssl=client_ssl(pki, cert))
+            assert r.status == 401, await r.text()
+            assert (await r.json())["error"]["type"] == "unauthenticated"
+            # the same connection with a token: the certificate only made it TLS, the token says who
+            r = await s.post(url, json=V2_BODY, ssl=client_ssl(pki, cert), headers=keys.auth("bob", ["batch"]))
+            assert r.status == 200
+        assert [seen.headers["X-Maas-Subject"] for seen in up.seen] == ["bob"]
+        failures = gw.gateway.metrics.registry.get_sample_value("maas_auth_failures_total",
+                                                                 {"reason": "bad_certificate"})
+        assert failures == 1
     finally:
         await gw.stop()
         await up.stop()

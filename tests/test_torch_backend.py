@@ -21,6 +21,7 @@ from gateway.config import ModelConfig, ServerConfig
 from gateway.errors import ConfigError, InvalidRequest
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext, Route, RouteKind
+from gateway.request import BufferedRequest
 from gateway.typedyaml import Source, build, loads
 
 ASSETS = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets"
@@ -34,7 +35,7 @@ def make_backend(base: Path, model_extra: dict[str, Any] | None = None, **backen
 
 
 def context(kind: RouteKind, payload: Any = None) -> RequestContext:
-    ctx = RequestContext(None, "rid", 0.0, "127.0.0.1")  # type: ignore[arg-type]
+    ctx = RequestContext(BufferedRequest("POST", "/v2/models/digits/infer"), "rid", 0.0)
     ctx.route = Route(kind, "infer" if kind is RouteKind.V2_INFER else "read", "digits", kind is RouteKind.V2_INFER)
     ctx.model_name = "digits"
     ctx.json = payload
@@ -117,15 +118,15 @@ async def test_inputs_checked_by_the_validate_stage_give_the_same_answer(digits:
     check_infer_request(body, None, checked)
     assert set(checked) == {"input"} and checked["input"].dtype == np.float64
     ctx = context(RouteKind.V2_INFER, body)
-    ctx.tensors = checked
+    ctx.validated_inputs = checked
     assert (await digits.handle(ctx)).body == plain.body
 
 
 async def test_checked_inputs_of_another_document_are_never_used(digits: TorchBackend) -> None:
-    """ctx.tensors belongs to ctx.json: a body parsed here (no json attached) ignores them."""
+    """ctx.validated_inputs belongs to ctx.json: a body parsed here (no json attached) ignores them."""
     ctx = context(RouteKind.V2_INFER)
     ctx.body = orjson.dumps(infer_body([0] * 64))
-    ctx.tensors = {"input": np.full(64, 9.0)}
+    ctx.validated_inputs = {"input": np.full(64, 9.0)}
     zeros = await digits.handle(context(RouteKind.V2_INFER, infer_body([0] * 64)))
     assert (await digits.handle(ctx)).body == zeros.body
 

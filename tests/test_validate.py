@@ -13,6 +13,7 @@ from gateway.config import GatewayConfig, ModelConfig, TensorSpec
 from gateway.errors import ConfigError, InvalidRequest
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext, Route, RouteKind
+from gateway.request import BufferedRequest
 from gateway.services import Services
 from gateway.stages import validate
 from gateway.typedyaml import Section, Source
@@ -54,7 +55,7 @@ def _named(m: ModelConfig, name: str) -> ModelConfig:
 def ctx_for(route: Route, doc: Any, *, model_name: str = "digits", path: str = "/v2/models/digits/infer",
             raw: bytes | None = None) -> RequestContext:
     body = raw if raw is not None else orjson.dumps(doc)
-    ctx = RequestContext(request=None, request_id="r1", started=0.0, client_ip="127.0.0.1")  # type: ignore[arg-type]
+    ctx = RequestContext(BufferedRequest("POST", path, body=body), "r1", 0.0)
     ctx.route, ctx.path, ctx.model_name, ctx.body = route, path, model_name, body
     ctx.json = doc if raw is None or route.json_body else None
     return ctx
@@ -78,7 +79,7 @@ async def refused(stage: validate.Validate, ctx: RequestContext) -> InvalidReque
     with pytest.raises(InvalidRequest) as info:
         await stage(ctx)
     assert info.value.status == 400 and info.value.type == "invalid_request"
-    assert ctx.forward_body is None  # nothing is forwarded after a refusal
+    assert ctx.validated_inputs is None  # nothing is handed on after a refusal
     return info.value
 
 
@@ -93,7 +94,8 @@ async def test_valid_v2_request_forwards_the_exact_validated_bytes() -> None:
     raw = b'{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]}]}'
     ctx = ctx_for(V2, json.loads(raw), raw=raw)
     await stage(ctx)
-    assert ctx.forward_body is ctx.body and ctx.forward_body == raw
+    assert ctx.body == raw  # what the backend forwards: the received bytes, never a re-serialisation
+    assert ctx.validated_inputs is not None  # passed: what was converted is handed on
 
 
 @pytest.mark.parametrize("tensors, pointer, reason", [
@@ -167,7 +169,7 @@ async def test_v2_request_envelope(doc: Any, message: str) -> None:
 async def test_v2_valid_tensors(t: dict[str, Any]) -> None:
     ctx = ctx_for(V2, v2(t))
     await validate.build(services(digits=model()))(ctx)
-    assert ctx.forward_body == ctx.body
+    assert ctx.validated_inputs is not None
 
 
 def test_v2_integer_beyond_64_bits_is_not_an_integer() -> None:
@@ -203,7 +205,7 @@ async def test_declared_inputs_accept_any_batch_size() -> None:
     stage = validate.build(services(digits=model(inputs=DECLARED)))
     ctx = ctx_for(V2, v2(tensor([0.5] * 192, [3, 64], name="pixels"), tensor([True] * 3, [3], "BOOL", "mask")))
     await stage(ctx)
-    assert ctx.forward_body == ctx.body
+    assert ctx.validated_inputs is not None
 
 
 async def test_declared_inputs_from_a_backend_take_precedence() -> None:
@@ -246,7 +248,7 @@ def openai_ctx(doc: Any, path: str = "/v1/chat/completions") -> RequestContext:
 async def test_valid_openai_requests(doc: Any, path: str) -> None:
     ctx = openai_ctx(doc, path)
     await validate.build(services(chat=model(protocol="openai", max_tokens=100)))(ctx)
-    assert ctx.forward_body == ctx.body
+    assert ctx.validated_inputs is None  # passed; only v2 inputs are handed on converted
 
 
 @pytest.mark.parametrize("doc, path, message, reason", [
@@ -287,7 +289,7 @@ async def test_openai_violations(doc: Any, path: str, message: str, reason: str)
 async def test_max_tokens_is_unbounded_without_a_cap() -> None:
     ctx = openai_ctx({**CHAT, "max_tokens": 1_000_000})
     await validate.build(services(chat=model(protocol="openai")))(ctx)
-    assert ctx.forward_body == ctx.body
+    assert ctx.validated_inputs is None  # passed; only v2 inputs are handed on converted
 
 
 # -- JSON Schema -----------------------------------------------------------------------
@@ -340,21 +342,21 @@ async def test_raw_route_with_a_schema_parses_its_body_safely(tmp_path: Path) ->
     assert "duplicate key" in err.message
     ctx = ctx_for(RAW, None, model_name="legacy", path="/predict", raw=b'{"a": 1}')
     await stage(ctx)
-    assert ctx.json == {"a": 1} and ctx.forward_body == b'{"a": 1}'
+    assert ctx.json == {"a": 1} and ctx.body == b'{"a": 1}'
 
 
 async def test_raw_route_without_a_schema_passes_untouched() -> None:
     stage = validate.build(services(legacy=model(protocol="raw")))
     ctx = ctx_for(RAW, None, model_name="legacy", path="/predict", raw=b"\x00 not json")
     await stage(ctx)
-    assert ctx.forward_body == b"\x00 not json"
+    assert ctx.body == b"\x00 not json" and ctx.json is None
 
 
 async def test_read_routes_are_not_validated() -> None:
     stage = validate.build(services(digits=model()))
     ctx = ctx_for(READ, None, raw=b"")
     await stage(ctx)
-    assert ctx.forward_body is None
+    assert ctx.validated_inputs is None
 
 
 @pytest.mark.parametrize("content, fragment", [

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.backend import Backend, BackendEnv
 from gateway.errors import InvalidRequest, MethodNotAllowed, Unavailable
-from gateway.pipeline import BackendResponse
+from gateway.pipeline import BackendResponse, Usage
 
 from .client import InvalidRequestLine, Pool, ReadTimeout, Response, UpstreamError
 from .config import NEVER_FORWARDED_METHODS, HttpBackendConfig, eject_condition, raw_methods
@@ -139,15 +139,9 @@ class HttpBackend(Backend):
             raise MethodNotAllowed(f"{method} is not forwarded to this model")
         out = self._protocol.outgoing(ctx)
         identity = ctx.identity
-        subject: str | None = None
-        roles: tuple[str, ...] = ()
-        if identity is not None:
-            subject = identity.subject
-            decision = ctx.decision
-            roles = decision.roles if decision is not None and decision.roles else identity.roles
         headers = self._headers.build(
-            request.headers, request_id=ctx.request_id, client_ip=ctx.client_ip,
-            secure=request.secure, subject=subject, roles=roles,
+            request.headers, request_id=ctx.request_id, client_ip=request.peer, secure=request.secure,
+            subject=identity.subject if identity is not None else None, roles=ctx.roles,
         )
         pool = self._pool
         data = out.body or None
@@ -167,7 +161,7 @@ class HttpBackend(Backend):
                     except Unavailable:
                         pass
                 raise failure.error from None
-        return await self._answer(ctx, up, resp, out.stream, out.usage)
+        return await self._answer(ctx, up, resp, out.stream, out.usage, out.hide_usage)
 
     async def _send(
         self,
@@ -193,12 +187,14 @@ class HttpBackend(Backend):
         return resp
 
     async def _answer(
-        self, ctx: RequestContext, up: Upstream, resp: Response, stream: bool, usage: bool
+        self, ctx: RequestContext, up: Upstream, resp: Response, stream: bool, scan_usage: bool, hide_usage: bool
     ) -> BackendResponse:
         status = resp.status
         pool = self._pool
-        if usage and 200 <= status < 300:
-            ctx.llm_answered = True  # the model ran: charged its reported usage, or else its whole reservation
+        usage: Usage | None = None
+        if scan_usage:  # an openai call: its usage travels back on the answer (or on the error raised after it)
+            # answered 2xx: the model ran, charged its reported usage or else its whole reservation
+            usage = Usage(answered=200 <= status < 300)
         content_type = resp.header("Content-Type") or "application/octet-stream"
         headers = response_headers(resp.headers)
         if content_type.startswith("text/event-stream") or (stream and not content_type.startswith("application/json")):
@@ -206,26 +202,27 @@ class HttpBackend(Backend):
             # stream request is read whole, so the client gets it with a Content-Length.)
             self._score(up, status)
             resp.expire_after(self._max_stream_s)
-            relay = StreamRelay(resp, ctx, scan_usage=usage, on_failure=lambda: self._stream_broke(up, resp))
+            relay = StreamRelay(resp, usage=usage, hide_usage=hide_usage,
+                                on_failure=lambda: self._stream_broke(up, resp))
             ctx.on_finish(lambda _ctx: relay.release())
-            return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release)
+            return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release,
+                                   usage=usage)
         try:
             body = await resp.read(max_bytes=self._max_response, total_s=self._timeout_s)
         except UpstreamError as exc:
             failure = while_reading(exc)
             self._failed(up, failure)
-            raise failure.error from None
-        except BaseException:
+            raise _after(failure.error, usage) from None
+        except BaseException as exc:  # cancelled (the client went away): what the model cost still counts
             pool.abandoned(up)
+            _after(exc, usage)
             raise
         finally:
             resp.release()
         self._score(up, status)
-        if usage and 200 <= status < 300:
-            tokens = answer_usage(body)
-            if tokens is not None:
-                ctx.llm_usage_tokens = tokens
-        return BackendResponse(status, headers, body=body, content_type=content_type)
+        if usage is not None and usage.answered:
+            usage.total_tokens = answer_usage(body)
+        return BackendResponse(status, headers, body=body, content_type=content_type, usage=usage)
 
     def _score(self, up: Upstream, status: int) -> None:
         """An answer came: it counts against the upstream only if ``eject_on`` names its status."""
@@ -255,3 +252,10 @@ class HttpBackend(Backend):
 
     def _stream_broke(self, up: Upstream, resp: Response) -> None:
         self._verdict(up, "timeout" if isinstance(resp.error, ReadTimeout) else "error")
+
+
+def _after(error: BaseException, usage: Usage | None) -> BaseException:
+    """``error``, carrying the usage of a call whose answer had begun (``exc.usage``, read by the gateway)."""
+    if usage is not None:
+        error.usage = usage  # type: ignore[attr-defined]  # a GatewayError declares it; a CancelledError takes it
+    return error

@@ -32,6 +32,7 @@ class Outgoing:
     body: bytes
     stream: bool  # the client asked the upstream for a stream (openai ``"stream": true``)
     usage: bool  # watch the answer for openai token usage
+    hide_usage: bool = False  # the gateway asked for stream usage the client did not: keep it from the client
 
 
 class Protocol:
@@ -45,17 +46,19 @@ class Protocol:
         self._model_segment = quote(model_name, safe="-._~") if model_name else None
 
     def outgoing(self, ctx: RequestContext) -> Outgoing:
-        body = ctx.forward_body if ctx.forward_body is not None else ctx.body
+        body = ctx.body
         path = ctx.path
         kind = ctx.route.kind if ctx.route is not None else RouteKind.RAW
-        stream = usage = False
+        stream = usage = hide = False
         if kind is RouteKind.OPENAI:
             usage = True
             body, stream = self._openai_body(ctx, body)
+            hide = not client_asked_usage(ctx.json)
         elif kind in V2_KINDS and self._model_segment is not None:
             path = self._v2_path(path)
-        target = f"{path}?{ctx.query}" if ctx.query else path
-        return Outgoing(target, body, stream, usage)
+        query = ctx.request.query
+        target = f"{path}?{query}" if query else path
+        return Outgoing(target, body, stream, usage, hide)
 
     def _v2_path(self, path: str) -> str:
         # /v2/models/{model}[/...] -> /v2/models/{model_name}[/...]

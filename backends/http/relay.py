@@ -23,42 +23,44 @@ import orjson
 from gateway.errors import BackendError
 
 from .client import StreamExpired, UpstreamError
-from .protocols import client_asked_usage, total_tokens
+from .protocols import total_tokens
 
 if TYPE_CHECKING:
-    from gateway.pipeline import RequestContext
+    from gateway.pipeline import Usage
 
     from .client import Response
 
 MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is relayed as it comes, never held back nor scanned
-STREAM_ERROR_KEY = "http.stream_error"  # set in ctx.extra when the upstream broke off mid-stream
-STREAM_BROKEN = "upstream connection failed mid-stream"
+STREAM_BROKEN = "upstream connection failed mid-stream"  # ``StreamRelay.error`` when the upstream broke off
 
 
 class StreamRelay:
     """An async iterator of the upstream's body chunks.
 
-    When the upstream breaks off mid-answer it raises ``BackendError``: the
-    response has started, so the writer's only honest move is to cut the client
-    connection (a clean end would pass a truncated answer off as complete).
+    When the upstream breaks off mid-answer it raises ``BackendError`` (and
+    ``error`` says why): the response has started, so the writer's only honest
+    move is to cut the client connection (a clean end would pass a truncated
+    answer off as complete). With a ``usage`` it reads the token usage the
+    stream reports into it, as the stream passes.
     """
 
-    __slots__ = ("_resp", "_ctx", "_scan_usage", "_hide_usage", "_drop_blank", "_on_failure", "_tail", "_done",
-                 "_released")
+    __slots__ = ("_resp", "_meter", "_scan_usage", "_hide_usage", "_drop_blank", "_on_failure", "_tail", "_done",
+                 "_released", "error")
 
     def __init__(
         self,
         resp: Response,
-        ctx: RequestContext,
         *,
-        scan_usage: bool,
+        usage: Usage | None,
+        hide_usage: bool,
         on_failure: Callable[[], None],
     ) -> None:
         self._resp = resp
-        self._ctx = ctx
-        self._scan_usage = scan_usage
+        self._meter = usage
+        self._scan_usage = usage is not None
         # The gateway asked the upstream for usage; a client that did not ask must not get it.
-        self._hide_usage = scan_usage and not client_asked_usage(ctx.json)
+        self._hide_usage = usage is not None and hide_usage
+        self.error: str | None = None
         self._drop_blank = False  # a hidden chunk's terminating blank line is still to come
         self._on_failure = on_failure
         self._tail = b""
@@ -114,7 +116,7 @@ class StreamRelay:
             if not self._hide_usage:
                 rest = b""  # already relayed as it came
         if failed:
-            self._ctx.extra[STREAM_ERROR_KEY] = STREAM_BROKEN
+            self.error = STREAM_BROKEN
             self._on_failure()
         self.release()
         return rest
@@ -176,8 +178,8 @@ class StreamRelay:
         if not isinstance(doc, dict) or "usage" not in doc:
             return line
         total = total_tokens(doc)
-        if total is not None:
-            self._ctx.llm_usage_tokens = total
+        if total is not None and self._meter is not None:
+            self._meter.total_tokens = total
         if not self._hide_usage:
             return line
         usage = doc.pop("usage")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import orjson
@@ -235,10 +235,11 @@ class TorchBackend(Backend):
         payload = ctx.json
         if payload is None and ctx.body:
             try:
-                payload = orjson.loads(ctx.forward_body or ctx.body)
+                payload = orjson.loads(ctx.body)
             except orjson.JSONDecodeError:
                 raise InvalidRequest("body is not valid JSON") from None
-        inputs = self._parse(payload, ctx.tensors if payload is ctx.json else None)
+        # the validate stage's converted inputs describe ctx.json: a body parsed here has none
+        inputs = self._parse(payload, ctx.validated_inputs if payload is ctx.json else None)
         outputs = await runner.infer(inputs)
         cfg = self.config
         flat = outputs.reshape(-1)
@@ -253,7 +254,7 @@ class TorchBackend(Backend):
         answer["outputs"] = [{**tensor, "data": flat.tolist()}]
         return BackendResponse(200, body=body, json=answer)
 
-    def _parse(self, payload: Any, checked: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _parse(self, payload: Any, checked: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The request's single input tensor as an array of shape (n, *input_shape); 400 on any mismatch.
 
         What this model takes (one input, its name, FP32 or INT64, its shape, at most

@@ -167,7 +167,7 @@ class AuditLog:
             "ts": rfc3339_now(),
             "request_id": ctx.request_id,
             "subject": identity.subject if identity else None,
-            "roles": list(decision.roles if decision and decision.roles else identity.roles if identity else ()),
+            "roles": list(ctx.roles),
             "model": ctx.model_name,
             "action": ctx.action,
             "decision": ("allow" if decision.allowed else "deny") if decision else "deny",
@@ -175,7 +175,7 @@ class AuditLog:
             "quota": ctx.quota,
             "status": ctx.status,
             "latency_ms": round((now - ctx.started) * 1000, 3),
-            "client": ctx.client_ip,
+            "client": ctx.request.peer,
             "bytes_in": ctx.bytes_in,
             "bytes_out": ctx.bytes_out,
         })

@@ -60,14 +60,15 @@ class Hold:
     def refund_for(self, ctx: RequestContext) -> int:
         """Reserved minus used (negative: charge the overshoot). Zero without a token budget.
 
-        Used is the upstream's reported usage, else the whole reservation if the
-        upstream answered 2xx (``llm_tokens.actual``). A 2xx final status counts
-        as answered too, so a backend that does not set ``llm_answered`` never
-        makes answers free."""
+        Used is the usage the backend reported with its answer (``ctx.usage``), else
+        the whole reservation if the upstream answered 2xx (``llm_tokens.actual``). A
+        2xx final status counts as answered too, so a backend that reports no usage
+        never makes answers free."""
         if not self.limits.tokens_per_minute:
             return 0
-        answered = ctx.llm_answered or 200 <= ctx.status < 300
-        used = llm_tokens.actual(ctx.llm_usage_tokens, answered, self.reserved)
+        usage = ctx.usage
+        answered = (usage is not None and usage.answered) or 200 <= ctx.status < 300
+        used = llm_tokens.actual(usage.total_tokens if usage is not None else None, answered, self.reserved)
         if self._on_tokens is not None:
             self._on_tokens(self.model, used)
         return self.reserved - used

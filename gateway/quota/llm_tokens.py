@@ -19,7 +19,8 @@ content parts) for chat, ``prompt`` for completions, ``input`` for
 embeddings. Four characters per token is the usual rule of thumb for English
 with GPT-style tokenisers; it is only a reservation, corrected on reconcile.
 
-Actual use (charged when the request ends), first that applies:
+Actual use (charged when the request ends, from the ``pipeline.Usage`` the backend
+reported with its answer), first that applies:
 
 1. ``usage.total_tokens`` reported by the upstream (a non-streamed answer, or
    the usage chunk of a stream: the HTTP backend always asks for it with

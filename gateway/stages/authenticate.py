@@ -2,19 +2,24 @@
 
 Credentials are read from headers only — ``Authorization: Bearer <JWT | mk_ key>``
 or ``X-API-Key`` — never from the query string (URLs end up in logs, browser
-history and Referer headers). A header sent twice is refused outright (400):
-taking the first would let a proxy and the gateway disagree about who called.
+history and Referer headers). A credential header sent twice never gets here:
+the framing stage refused it (400), since taking the first would let a proxy
+and the gateway disagree about who called.
 With ``auth.mtls`` configured, a verified client certificate with no token
-authenticates as its subject's CN; a token, when present, always wins and is
-always verified. Every failure is a 401 whose message names what was wrong,
-never the key, and is counted by a fixed reason label.
+authenticates as its subject's common name: the certificate's subject must
+hold exactly one CN, taken verbatim (``ctx.request.client_subject``, parsed
+once from the certificate by the door) and refused if it is empty, holds a
+control character or an ``=`` (a CN that reads like a distinguished name is
+no name). A token, when present, always wins and is always verified. Every
+failure is a 401 whose message names what was wrong, never the key, and is
+counted by a fixed reason label.
 """
 
 from __future__ import annotations
 
 import logging
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..auth import UNSAFE_TEXT, AuthFailure
 from ..auth.api_keys import KEY_PREFIX, ApiKeyFile
@@ -25,11 +30,10 @@ from ..pipeline import Identity, RequestContext
 if TYPE_CHECKING:
     from ..config import MtlsAuthConfig
     from ..metrics import Metrics
+    from ..request import CertificateSubject
     from ..services import Services
 
 log = logging.getLogger("maas.auth")
-
-_EMPTY: tuple[str, ...] = ()
 
 
 class Authenticate:
@@ -76,18 +80,15 @@ class Authenticate:
     # -- per request ---------------------------------------------------------
 
     async def __call__(self, ctx: RequestContext) -> None:
-        headers = ctx.request.headers
-        authorization = headers.getall("Authorization", _EMPTY)
-        api_key = headers.getall("X-API-Key", _EMPTY)
-        if len(authorization) > 1:
-            raise InvalidRequest("the Authorization header was sent more than once")
-        if len(api_key) > 1:
-            raise InvalidRequest("the X-API-Key header was sent more than once")
-        if authorization and api_key:
+        request = ctx.request
+        headers = request.headers
+        authorization = headers.get("Authorization")
+        api_key = headers.get("X-API-Key")
+        if authorization is not None and api_key is not None:
             raise InvalidRequest("send one credential: Authorization or X-API-Key, not both")
         try:
-            if authorization:
-                token = bearer_token(authorization[0])
+            if authorization is not None:
+                token = bearer_token(authorization)
                 jwt = self.jwt
                 if token.startswith(KEY_PREFIX):
                     ctx.identity = self._api_key(token)
@@ -95,10 +96,10 @@ class Authenticate:
                     raise AuthFailure("jwt_disabled", "bearer tokens (JWT) are not accepted here")
                 else:  # a verified token is found without a signature check (or a coroutine)
                     ctx.identity = jwt.cached(token) or await jwt.verify(token)
-            elif api_key:
-                ctx.identity = self._api_key(api_key[0].strip())
-            elif self.mtls is not None and ctx.mtls and ctx.client_cert_subject:
-                ctx.identity = self._certificate(ctx.client_cert_subject)
+            elif api_key is not None:
+                ctx.identity = self._api_key(api_key.strip())
+            elif self.mtls is not None and request.client_subject is not None:
+                ctx.identity = self._certificate(request.client_subject)
             else:
                 raise AuthFailure("missing", "missing credentials")
         except AuthFailure as failure:
@@ -111,10 +112,10 @@ class Authenticate:
             raise AuthFailure("api_keys_disabled", "API keys are not accepted here")
         return self.api_keys.store.authenticate(key)
 
-    def _certificate(self, cert_subject: Any) -> Identity:
-        cn = common_name(cert_subject)
+    def _certificate(self, subject: CertificateSubject) -> Identity:
+        cn = certificate_name(subject)
         if cn is None:
-            raise AuthFailure("bad_certificate", "client certificate subject has no single common name")
+            raise AuthFailure("bad_certificate", "client certificate subject has no single plain common name")
         claims = MappingProxyType({"sub": cn, "roles": list(self._mtls_roles)})
         return Identity(subject=cn, roles=self._mtls_roles, claims=claims, method="mtls", credential_id=None,
                         cache_key="mtls:" + cn)  # the CN and the configured roles are all the identity holds
@@ -131,35 +132,13 @@ def bearer_token(value: str) -> str:
     return token
 
 
-def common_name(subject: Any) -> str | None:
-    """The single CN of a certificate subject, or None when it has none, several, or an unsafe one.
-
-    Accepts the CN itself (what ``gateway.app`` sets), an RFC 4514 distinguished
-    name (``CN=alice,O=Acme``, as cryptography's ``Name.rfc4514_string()``
-    writes it) or the tuple form of ``ssl.SSLSocket.getpeercert()['subject']``.
-    """
-    names: list[str] = []
-    if isinstance(subject, str):
-        names = _rfc4514_common_names(subject) if "=" in subject else [subject]
-    elif isinstance(subject, (tuple, list)):
-        for rdn in subject:
-            for pair in rdn if isinstance(rdn, (tuple, list)) else ():
-                if isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[0] == "commonName":
-                    names.append(str(pair[1]))
-    if len(names) != 1 or not names[0] or UNSAFE_TEXT.search(names[0]):
+def certificate_name(subject: CertificateSubject) -> str | None:
+    """The name a client certificate authenticates as: its subject's only CN, verbatim; None when it has none,
+    several, or one that is empty, holds a control character or an ``=``."""
+    cn = subject.common_name
+    if not cn or "=" in cn or UNSAFE_TEXT.search(cn):
         return None
-    return names[0]
-
-
-def _rfc4514_common_names(text: str) -> list[str]:
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    try:
-        parsed = x509.Name.from_rfc4514_string(text)
-    except ValueError:
-        return []  # neither a plain CN nor a distinguished name: fail closed
-    return [str(a.value) for a in parsed.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return cn
 
 
 def build(services: Services) -> Authenticate:

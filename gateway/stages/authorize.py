@@ -5,6 +5,10 @@ denied request never touches a quota bucket or an upstream. The decision (with
 the deciding rule id and the subject's effective roles) is put on the context
 for audit and metrics; the client only learns "denied by policy" — rule ids
 and conditions are the security team's business, not an attacker's map.
+
+``GET /v1/models`` is authorised here too, model by model: it is allowed (rule
+``models-list``) and ``ctx.visible_models`` holds the models the caller may
+``read``, in config order; the answer lists exactly those.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import Forbidden
-from ..pipeline import Decision, RequestContext
+from ..pipeline import Decision, RequestContext, RouteKind
 from ..policy.compile import DEFAULT_DENY
 from ..services import Services
 
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("maas.policy")
 
 NO_POLICY = Decision(False, DEFAULT_DENY)
+MODELS_LIST = Decision(True, "models-list")  # answered, filtered per model by policy: an allow
 
 
 def utc_hour() -> int:
@@ -33,17 +38,25 @@ def utc_hour() -> int:
 
 def request_facts(ctx: RequestContext) -> dict[str, Any]:
     """What a ``when`` condition may read as ``request.*``."""
-    return {"ip": ctx.client_ip, "mtls": ctx.mtls, "hour": utc_hour(), "method": ctx.request.method, "path": ctx.path}
+    request = ctx.request
+    return {"ip": request.peer, "mtls": request.client_subject is not None, "hour": utc_hour(),
+            "method": request.method, "path": ctx.path}
 
 
 class Authorize:
     name = "authorize"
 
-    def __init__(self, policy: Any, metrics: Metrics) -> None:
+    def __init__(self, policy: Any, metrics: Metrics, models: Mapping[str, ModelConfig] | None = None) -> None:
         self.policy = policy  # a PolicyStore (gateway.policy.store) or None: then everything is denied
         self.metrics = metrics
+        self.models: Mapping[str, ModelConfig] = models or {}  # every configured model, for GET /v1/models
 
     async def __call__(self, ctx: RequestContext) -> None:
+        route = ctx.route
+        if route is not None and route.kind is RouteKind.MODELS_LIST:
+            ctx.visible_models = tuple(self.allowed_models(ctx, self.models))
+            ctx.decision = MODELS_LIST
+            return
         decision = self.decide(ctx, ctx.model_name, ctx.model, ctx.action)
         ctx.decision = decision
         self.metrics.policy_decisions.labels(decision.rule, "allow" if decision.allowed else "deny").inc()
@@ -74,4 +87,4 @@ class Authorize:
 
 def build(services: Services) -> Authorize:
     """Always built: with no policy configured every request is denied (fail closed)."""
-    return Authorize(services.policy, services.metrics)
+    return Authorize(services.policy, services.metrics, services.config.models)

@@ -100,10 +100,9 @@ class Harden:
         if document is None or not document.outputs or ctx.model_name is None:
             return response
         identity = ctx.identity
-        roles = ctx.decision.roles or (identity.roles if identity else ())
         if document.outputs is not self._outputs or self._compiled is None:  # a reload swapped the document
             self._compiled, self._outputs = MostSpecific(document.outputs), document.outputs
-        chosen = select(document.outputs, identity.subject if identity else None, roles, ctx.model_name,
+        chosen = select(document.outputs, identity.subject if identity else None, ctx.roles, ctx.model_name,
                         self._compiled)
         if chosen is None or is_noop(chosen[1]):
             return response

@@ -6,20 +6,36 @@ the same request, and anything we cannot normalise unambiguously (an encoded
 slash or backslash, NUL, control characters) is refused, never guessed at.
 The normalised path is what the backend receives, so what was checked is
 exactly what is served.
+
+``split_target`` reads an HTTP request target (the HTTP door uses it);
+``normalise`` and the ``Path`` stage work on any door's path.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from ..pipeline import RequestContext
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 # characters allowed literally in a path (RFC 3986 pchar + "/"), besides %XX
 _ALLOWED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/")
 _PLAIN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")  # the same set: a path with nothing to decode or refuse
+
+
+class Path:
+    """The stage: ``ctx.path`` is the request's path, normalised (or the request is refused)."""
+
+    name = "path"
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.path = normalise(ctx.request.path)
 
 
 def split_target(target: str) -> tuple[str, str]:

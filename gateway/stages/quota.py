@@ -87,9 +87,7 @@ class Quota:
         if document is None or not document.quotas or identity is None or model is None:
             ctx.quota = "none"
             return
-        decision = ctx.decision
-        roles = (decision.roles if decision is not None and decision.roles else None) or identity.roles
-        entry = self._matchers.get(document).match(identity.subject, roles, model)
+        entry = self._matchers.get(document).match(identity.subject, ctx.roles, model)
         if entry is None:
             ctx.quota = "none"
             return

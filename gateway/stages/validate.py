@@ -9,9 +9,10 @@ parsed body (``ctx.json``, from the body stage's hardened parser) in two layers:
 2. the model's own JSON Schema (``models.X.schema``, Draft 2020-12 unless the
    file says otherwise), compiled once at start-up.
 
-It then sets ``ctx.forward_body`` to the exact bytes that were validated, so the
-backend sends upstream precisely the request that passed, never a second parse
-of something else.
+The backend sends upstream ``ctx.body``, the exact bytes that were validated,
+never a second parse of something else. For a v2 request the checked
+floating-point inputs are handed on as ``ctx.validated_inputs`` (already
+converted: a backend that runs the model locally need not convert them again).
 
 Validator choice (``bench/bench_validation.py``, schema check alone, per request,
 on a busy 2-core machine): for the 64-float v2 body jsonschema_rs (Rust) takes
@@ -197,9 +198,10 @@ class Validate:
         rules = self._models.get(model)
         try:
             document = ctx.json
+            inputs: dict[str, Any] | None = None
             if route.kind is RouteKind.V2_INFER:
-                ctx.tensors = {}
-                check_infer_request(document, self._declared(model, rules), ctx.tensors)
+                inputs = {}
+                check_infer_request(document, self._declared(model, rules), inputs)
             elif route.kind is RouteKind.OPENAI:
                 check_openai_request(ctx.path, document, max_tokens_cap=rules.max_tokens if rules else None)
             if rules is not None and rules.schema is not None:
@@ -210,7 +212,7 @@ class Validate:
         except InvalidRequest as exc:
             self._failures.labels(model, getattr(exc, "reason", "invalid")).inc()
             raise
-        ctx.forward_body = ctx.body
+        ctx.validated_inputs = inputs
 
     def _declared(self, model: str, rules: ModelRules | None) -> Sequence[TensorSpec] | None:
         if self._declared_inputs is not None:

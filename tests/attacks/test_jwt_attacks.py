@@ -18,7 +18,6 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
@@ -29,8 +28,10 @@ from gateway.config import AuthConfig, GatewayConfig, JwtConfig
 from gateway.errors import InvalidRequest, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext
+from gateway.request import BufferedRequest
 from gateway.services import Services
 from gateway.stages import authenticate
+from gateway.stages.framing import Framing
 
 ISSUER = "https://idp.example"
 AUDIENCE = "maas"
@@ -101,8 +102,8 @@ def _forge(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"
 
 
 def _ctx(path: str = "/v2/models/digits/infer", headers: Any = None) -> RequestContext:
-    request = make_mocked_request("POST", path, headers=headers or {})
-    return RequestContext(request=request, request_id="test", started=0.0, client_ip="127.0.0.1")
+    path, _, query = path.partition("?")
+    return RequestContext(BufferedRequest("POST", path, query=query, headers=headers or {}), "test", 0.0)
 
 
 async def _refused(stage: authenticate.Authenticate, token: str, **kwargs: Any) -> Unauthenticated:
@@ -398,7 +399,8 @@ async def test_two_authorization_headers_are_refused_not_resolved(stage, rsa_key
     headers = CIMultiDict([("Authorization", f"Bearer {_token(rsa_key)}"),
                            ("Authorization", f"Bearer {_token(attacker_key)}")])
     ctx = _ctx(headers=headers)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidRequest):  # by framing, which runs before authentication
+        await Framing(1_000_000)(ctx)
         await auth(ctx)
     assert ctx.identity is None
 

@@ -19,6 +19,7 @@ from gateway.config import ModelConfig, ServerConfig
 from gateway.errors import ConfigError, Unavailable
 from gateway.metrics import Metrics
 from gateway.pipeline import RequestContext, Route, RouteKind
+from gateway.request import BufferedRequest
 from gateway.typedyaml import Source, build
 
 BUNDLED = Path(__file__).resolve().parents[2] / "backends" / "torch" / "assets" / "digits.safetensors"
@@ -216,7 +217,7 @@ async def test_degraded_start_serves_503_and_not_ready(tmp_path: Path, protected
     backend = make_backend(tmp_path, **protected["config"], start_degraded=True)
     await backend.start()  # no exception: the gateway serves its other models
     assert backend.ready() is False
-    ctx = RequestContext(None, "r1", 0.0, "127.0.0.1")  # type: ignore[arg-type]
+    ctx = RequestContext(BufferedRequest("POST", "/v2/models/digits/infer"), "r1", 0.0)
     ctx.route = Route(RouteKind.V2_INFER, "infer", "digits", True)
     ctx.json = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
     with pytest.raises(Unavailable) as info:
