@@ -15,6 +15,7 @@ from gateway.backend import Backend, BackendEnv, backend_class, registered
 from gateway.config import ServerConfig, load_config
 from gateway.errors import ConfigError
 from gateway.plugins import backends_for, plug
+from test_config import write  # a config file beside an empty JWKS: one helper for both files
 
 ASSETS = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets"
 BASE = """\
@@ -25,13 +26,6 @@ models:
   chat:
     backend: {type: http, protocol: openai, upstreams: ["http://127.0.0.1:9"]}
 """
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "jwks.json").write_text('{"keys": []}')
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    return path
 
 
 def test_unknown_backend_type(tmp_path: Path) -> None:

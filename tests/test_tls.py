@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -88,12 +89,17 @@ POLICY = {
 }
 
 
-async def test_mtls_certificate_is_the_identity(tmp_path: Path, pki: dict[str, Path], keys: Keys) -> None:
+async def mtls_gateway(tmp_path: Path, pki: dict[str, Path], keys: Keys) -> tuple[Any, Any, str]:
+    """An upstream, and a gateway that requires client certificates (role `batch`) or a JWT; the infer URL."""
     up = await start_upstream()
     tls = {"cert_file": str(pki["server_crt"]), "key_file": str(pki["server_key"]), "client_ca_file": str(pki["ca"])}
     gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=POLICY,
                              server={"tls": tls}, auth={"jwt": keys.jwt_config(), "mtls": {"roles": ["batch"]}})
-    url = gw.url.replace("http://127.0.0.1", "https://localhost") + "/v2/models/digits/infer"
+    return up, gw, gw.url.replace("http://127.0.0.1", "https://localhost") + "/v2/models/digits/infer"
+
+
+async def test_mtls_certificate_is_the_identity(tmp_path: Path, pki: dict[str, Path], keys: Keys) -> None:
+    up, gw, url = await mtls_gateway(tmp_path, pki, keys)
     try:
         async with aiohttp.ClientSession() as s:
             r = await s.post(url, json=V2_BODY, ssl=client_ssl(pki, "client"))
@@ -139,11 +145,7 @@ async def test_certificate_without_a_single_plain_common_name_is_refused(tmp_pat
                                                                           keys: Keys, cert: str) -> None:
     """The subject is read from the certificate once: a CN ``O=x,CN=svc-batch`` is not ``svc-batch``, and a
     certificate naming two CNs names no one. Both connect (the CA issued them) and are refused as credentials."""
-    up = await start_upstream()
-    tls = {"cert_file": str(pki["server_crt"]), "key_file": str(pki["server_key"]), "client_ca_file": str(pki["ca"])}
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=POLICY,
-                             server={"tls": tls}, auth={"jwt": keys.jwt_config(), "mtls": {"roles": ["batch"]}})
-    url = gw.url.replace("http://127.0.0.1", "https://localhost") + "/v2/models/digits/infer"
+    up, gw, url = await mtls_gateway(tmp_path, pki, keys)
     try:
         async with aiohttp.ClientSession() as s:
             r = await s.post(url, json=V2_BODY, ssl=client_ssl(pki, cert))
