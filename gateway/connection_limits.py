@@ -70,13 +70,13 @@ _HEAD_END = b"\r\n\r\n"
 
 @dataclass(frozen=True, slots=True)
 class ClientLimits:
-    """The ``server.*`` limits one listener enforces (see ``ServerConfig`` for their meaning)."""
+    """The ``server.*`` limits one listener enforces (their meaning and defaults: ``ServerConfig``)."""
 
-    header_timeout_s: float = 10.0
-    max_header_bytes: int = 65_536
-    max_connections: int = 10_000
-    max_connections_per_ip: int = 1024
-    client_write_timeout_s: float = 30.0
+    header_timeout_s: float
+    max_header_bytes: int
+    max_connections: int
+    max_connections_per_ip: int
+    client_write_timeout_s: float
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> ClientLimits:
