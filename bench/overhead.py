@@ -20,7 +20,14 @@ checked), auth-raw (the same, but the model is a `raw` backend: the v2 path is
 forwarded as is, no body parsing: the gateway-core cost), auth+policy
 (the example-like policy with ABAC rules), full (policy + memory quota +
 schema validation + audit), full-redis (quota in Redis), full-novalidate,
-quota-redis (auth+policy+Redis quota only), quota-off (auth+policy only).
+quota-redis (auth+policy+Redis quota only), quota-off (auth+policy only),
+hardened (full + label-only outputs), rowcounted (hardened + `cost: rows`, per_day and
+per_month) and monitored (rowcounted + a low_confidence monitor with a deny-on-alarm rule):
+issue 14's "a monitored, row-counted model within 10 % of the same model without monitor"
+is monitored against rowcounted (`-redis`: quota store and monitors in Redis):
+
+    python bench/overhead.py --variants rowcounted,monitored --rounds 3
+    python bench/overhead.py --variants rowcounted-redis,monitored-redis --redis redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -139,17 +146,27 @@ def gateway_config(work: Path, name: str, variant: str, upstream_port: int, keys
     }
     if variant == "auth-raw":
         config["models"]["digits"]["backend"].update(protocol="raw", paths=["/v2/models/digits/infer"])
-    if variant.startswith("full"):
+    if variant.startswith(("full", "hardened", "rowcounted", "monitored")):
         config["audit"] = {"file": str(d / "audit.log")}
         if variant != "full-novalidate":
             (d / "schema.json").write_text(json.dumps(SCHEMA))
             config["models"]["digits"]["schema"] = str(d / "schema.json")
-    if variant in ("full", "full-novalidate", "full-redis", "quota-redis"):
+    if variant in ("full", "full-novalidate", "full-redis", "quota-redis") or variant.startswith(
+            ("hardened", "rowcounted", "monitored")):
         policy["quotas"] = QUOTA
-        store = redis if variant in ("full-redis", "quota-redis") else "memory"
+        store = redis if variant.endswith("-redis") else "memory"
         if store is None:
             raise SystemExit(f"variant {variant} needs --redis URL")
         config["quota"] = {"store": store, "on_store_error": "deny", "key_prefix": f"bench{os.getpid()}:"}
+    if variant.startswith(("hardened", "rowcounted", "monitored")):  # issue 14: label-only answers
+        policy["outputs"] = [{"roles": ["inference"], "models": ["digits"], "label_only": True}]
+    if variant.startswith(("rowcounted", "monitored")):  # rows and calendar totals (no leases: every request counts)
+        policy["quotas"] = [{**QUOTA[0], "cost": "rows", "per_day": 10**12, "per_month": 10**13}]
+    if variant.startswith("monitored"):
+        policy["monitors"] = [{"id": "lc", "roles": ["inference"], "models": ["digits"], "signal": "low_confidence",
+                               "threshold": 0.5, "window": 50, "alarm_rate": 0.3}]  # the canned answer is confident
+        policy["rules"] = [*policy["rules"], {"id": "cut-off", "roles": ["*"], "models": ["digits"],
+                                              "actions": ["infer"], "effect": "deny", "when": "monitor.lc"}]
     (d / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     path = d / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

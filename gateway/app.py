@@ -1,8 +1,8 @@
 """The gateway: builds the stages and backends from config and runs each request through them.
 
 ``Gateway.run`` is the whole pipeline, in order: framing -> path ->
-authenticate -> route -> body -> model -> authorise -> quota -> validate ->
-backend -> harden. A door (``gateway.http_door``) builds the transport-neutral
+authenticate -> route -> body -> model -> llm -> authorise -> quota -> validate ->
+backend -> llm (usage, ids) -> harden. A door (``gateway.http_door``) builds the transport-neutral
 request, opens the context with ``begin``, runs it, writes the answer (or the
 error), and calls ``finish``, which runs every request's cleanups, metrics and
 audit line, on every exit path.
@@ -16,17 +16,22 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import audit as audit_mod
+from . import monitors as monitors_mod
 from .backend import Backend, BackendEnv
 from .config import GatewayConfig
 from .errors import ConfigError, Unavailable
+from .llm.ownership import Owners, owner_store
+from .llm.stage import LlmStage
 from .metrics import Metrics
 from .models_list import ModelsList
-from .pipeline import BackendResponse, RequestContext, Stage
+from .pipeline import BackendResponse, RequestContext, RouteKind, Stage
 from .plugins import PluggedModel, create_backends, plug
 from .redact import redact_text
 from .routing import Router
 from .services import Services
 from .stages import authenticate, authorize, body, framing, harden, path, quota, request_id, route, validate
+from .stages.outputs_guard import OutputsGuard
+from .v2_routes import ServerEndpoints
 
 if TYPE_CHECKING:
     from .request import Request
@@ -58,18 +63,30 @@ class Gateway:
         self.quota = quota.build(services)
         self.validate = validate.build(services, declared_inputs=self._declared_inputs)
         self.harden = harden.build(services)
+        # query-stream monitors (issue 14): windows in the quota store (Redis: shared by every replica)
+        self.monitors = monitors_mod.build(self.metrics, self.quota.store if self.quota is not None else None)
+        self.authorize.monitors = self.monitors
+        guard = None
+        if self.harden is not None and self.policy is not None:
+            self.harden.monitors = self.monitors
+            guard = OutputsGuard(self.policy, self.harden)
         route_stage, model_stage = route.build(self.router, config.models)
+        # response-id ownership (before authorise), usage and ids of every LLM surface's answer (after the backend)
+        self.llm = LlmStage(Owners(owner_store(self.quota.store if self.quota is not None else None)),
+                            config.models)
         # every stage before the backend, in order
         self.stages: list[Stage] = [s for s in (
-            framing.build(services), path.Path(), self.authenticate, route_stage, self.body, model_stage,
-            self.authorize, self.quota, self.validate) if s is not None]
-        self.models_list = ModelsList()  # answers GET /v1/models, where a model route has its backend
+            framing.build(services), path.Path(), self.authenticate, route_stage, self.body, model_stage, self.llm,
+            self.authorize, guard, self.quota, self.validate) if s is not None]
+        # answers GET /v1/models and /api/tags, where a model route has its backend
+        self.models_list = ModelsList(self.router.ollama_models())
+        self.v2_server = ServerEndpoints(lambda: not self.not_ready())  # GET /v2, /v2/health/live|ready
         self._inflight = self.metrics.inflight
         self.audit: audit_mod.AuditLog | None = None
         if config.audit and config.audit.enabled and config.audit.file:
             self.audit = audit_mod.AuditLog.from_config(config.audit, self.metrics)
         self._components = [c for c in (self.policy, self.authenticate, self.body, self.authorize, self.quota,
-                                        self.validate, self.harden) if c is not None]
+                                        self.validate, self.harden, self.monitors) if c is not None]
 
     def _declared_inputs(self, model: str) -> Any:
         """The inputs a backend knows its model takes (the local runner, once loaded); None otherwise."""
@@ -155,12 +172,17 @@ class Gateway:
         for stage in self.stages:
             await stage(ctx)
         name = ctx.model_name
-        backend = self.backends[name] if name is not None else self.models_list
+        if name is not None:
+            backend: Any = self.backends[name]
+        else:
+            route = ctx.route
+            backend = self.v2_server if route is not None and route.kind is RouteKind.V2_SERVER else self.models_list
         try:
             response = await backend.handle(ctx)
         except BaseException as exc:  # a backend that failed after the model ran says what it cost on its error
             ctx.usage = getattr(exc, "usage", None)
             raise
+        response = await self.llm.answer(ctx, response)
         ctx.usage = response.usage
         if self.harden is not None:
             response = await self.harden(ctx, response)

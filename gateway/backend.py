@@ -101,6 +101,15 @@ class Backend(ABC):
         return []
 
     @classmethod
+    def verifies_signatures(cls, config: Any) -> bool:
+        """Whether this model's artifact is checked against a signing key or certificate.
+
+        ``check`` asks every model: when one does, signing keys exist in the deployment,
+        and another model's ``UNSIGNED_ARTIFACT`` finding becomes ``high``.
+        """
+        return False
+
+    @classmethod
     def data_path(cls, config: Any) -> Path | None:
         """The file this model is read from, if local: its free-disk requirement is measured there.
 

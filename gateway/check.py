@@ -10,8 +10,11 @@ in the order ``check`` prints them.
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 from .config import GatewayConfig
-from .findings import Finding, config_findings
+from .findings import UNSIGNED_ARTIFACT, Finding, config_findings
 from .plugins import PluggedModel, plug
 from .preflight import check_requirements
 
@@ -21,8 +24,14 @@ def collect(config: GatewayConfig, plugged: dict[str, PluggedModel] | None = Non
     if plugged is None:
         plugged = plug(config)
     out = config_findings(config, policy_findings(config) if config.policy is not None else ())
+    signers = [name for name, p in plugged.items() if p.backend_class.verifies_signatures(p.backend_config)]
     for name, p in plugged.items():
-        out.extend(p.backend_class.config_findings(name, p.backend_config))
+        for finding in p.backend_class.config_findings(name, p.backend_config):
+            if finding.tag == UNSIGNED_ARTIFACT and signers and finding.severity != "high":
+                # the deployment has signing keys, yet this artifact is taken unchecked (spec: "check")
+                finding = replace(finding, severity="high", message=f"unsigned model artifact while signing keys "
+                                  f"exist (models {', '.join(signers)} verify signatures): {finding.message}")
+            out.append(finding)
     for problem in check_requirements(config, plugged=plugged):
         out.append(Finding("high", "models", problem))
     return out
@@ -38,6 +47,16 @@ def policy_findings(config: GatewayConfig) -> list[Finding]:
     document = load_document(str(config.policy.file))
     compile_policy(document, config.policy.model_file)
     out = lint(document)
+    if any(o.noise_epsilon is not None for o in document.outputs):
+        env = config.hardening.noise_key_env
+        value = os.environ.get(env, "") if env else ""
+        if not value:
+            where = f"environment variable {env} is not set" if env else "hardening.noise_key_env is not set"
+            out.append(Finding("medium", "hardening.noise_key_env",
+                               f"{where}: output noise uses a per-process key, so replicas and restarts draw "
+                               "different noise and repeated queries across them average it away"))
+        elif len(value.encode()) < 16:
+            out.append(Finding("medium", "hardening.noise_key_env", "noise key is under 16 bytes: use a random secret"))
     if document.quotas and config.quota is None:
         out.append(Finding("high", "quota", "the policy defines quotas but the config has no quota section: none is enforced"))
     return out

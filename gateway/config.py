@@ -218,6 +218,20 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HardeningConfig:
+    """``hardening:``: the secret that makes output noise repeatable per caller and input (``gateway.noise``)."""
+
+    noise_key_env: str | None = None  # env var holding it; unset: a per-process key (``check`` reports it)
+
+    def validate(self) -> tuple[str, str] | None:
+        import re
+
+        if self.noise_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.noise_key_env):
+            return "noise_key_env", "must be an environment variable name (the key itself never goes in the config)"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class RequiresConfig:
     min_free_ram_mb: int = 0
     min_free_disk_mb: int = 0
@@ -238,11 +252,18 @@ class ModelConfig:
     schema: Path | None = None
     inputs: list[TensorSpec] | None = None
     max_tokens: int | None = None  # openai: cap on a request's max_tokens
+    # Responses API: how long the gateway remembers who created a response id (then: 404 for everyone)
+    responses_ttl_s: int = 30 * 86400
+    max_body_bytes: int | None = None  # overrides server.max_body_bytes on this model's routes (audio uploads)
     name: str = ""  # filled from the mapping key
 
     def validate(self) -> tuple[str, str] | None:
         if self.schema is not None and not self.schema.is_file():
             return "schema", f"file not found: {self.schema}"
+        if self.responses_ttl_s < 1:
+            return "responses_ttl_s", "must be positive"
+        if self.max_body_bytes is not None and self.max_body_bytes < 1:
+            return "max_body_bytes", "must be positive"
         kind = self.backend.get("type")
         if not isinstance(kind, str):
             return "backend.type", "missing required key 'type'"
@@ -257,6 +278,7 @@ class GatewayConfig:
     policy: PolicyConfig | None = None
     quota: QuotaConfig | None = None
     audit: AuditConfig | None = None
+    hardening: HardeningConfig = field(default_factory=HardeningConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     source: Source | None = field(default=None, metadata={"yaml": "__internal_source"})
 

@@ -9,8 +9,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import orjson
+
 if TYPE_CHECKING:
     from .usage import Usage
+
+# Protocols whose clients read ``error`` as a string: the Open Inference Protocol (``tritonclient`` cannot even
+# print an object there) and Ollama's native API. Their error fields are flat; everywhere else they are nested.
+FLAT_ERROR_PREFIXES = ("/v2", "/api")
+
+
+def flat_errors(path: str) -> bool:
+    """Whether errors on ``path`` take the flat shape (``{"error": "<message>", "type", "request_id"}``)."""
+    for prefix in FLAT_ERROR_PREFIXES:
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            return True
+    return False
+
+
+def error_body(error_type: str, message: str, rid: str, path: str = "") -> bytes:
+    """The JSON error document, the one place its shape is decided: flat on ``flat_errors`` paths, else nested."""
+    if flat_errors(path):
+        return orjson.dumps({"error": message, "type": error_type, "request_id": rid})
+    return orjson.dumps({"error": {"type": error_type, "message": message, "request_id": rid}})
 
 
 class GatewayError(Exception):

@@ -21,6 +21,9 @@ from .redact import redact_text
 
 Severity = Literal["high", "medium", "low"]
 MIN_HS256_SECRET_BYTES = 32
+# The tag of a backend's "this model artifact is not signature-checked" finding: ``check`` raises it to
+# high when signing keys exist in the deployment (another model's artifact is verified).
+UNSIGNED_ARTIFACT = "unsigned-artifact"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class Finding:
     severity: Severity
     where: str
     message: str
+    tag: str | None = None  # what kind of finding, for a rule that spans models (UNSIGNED_ARTIFACT)
 
     def line(self) -> str:
         """The printed form; a URL quoted in a message (a store, a witness) never shows its credentials."""

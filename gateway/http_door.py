@@ -19,13 +19,15 @@ import asyncio
 import inspect
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
-import orjson
 from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_writer import StreamWriter
 
 from .errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, RequestTimeout
-from .request import CertificateSubject, subject_of_certificate
+from .errors import error_body as error_body  # re-exported: the server's own refusals use it
+from .request import CertificateSubject, Refine, subject_of_certificate
 from .stages.path import split_target
 
 if TYPE_CHECKING:
@@ -39,10 +41,6 @@ log = logging.getLogger("maas.gateway")
 READ_CHUNK = 65_536  # bytes per read from the socket buffer
 JSON_HEADERS = {"Content-Type": "application/json"}
 SET_BY_GATEWAY = frozenset({"x-request-id", "content-type"})  # never taken from a backend's headers
-
-
-def error_body(error_type: str, message: str, rid: str) -> bytes:
-    return orjson.dumps({"error": {"type": error_type, "message": message, "request_id": rid}})
 
 
 # -- in ------------------------------------------------------------------------------
@@ -86,12 +84,14 @@ class HttpRequest:
     def declared_length(self) -> int | None:
         return self._request.content_length
 
-    async def read_body(self, limit: int, timeout_s: float) -> bytes:
+    async def read_body(self, limit: int, timeout_s: float, refine: Refine | None = None) -> bytes:
         request = self._request
         declared = request.content_length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         content = request.content
+        if refine is not None:
+            return await self._read_refined(limit, timeout_s, refine, declared)
         if content.is_eof() and content.exception() is None:
             # already all received (the usual small body): take it without the timeout machinery (~5 us/request)
             data = content.read_nowait(-1)
@@ -118,6 +118,35 @@ class HttpRequest:
                     if total > limit:
                         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
                     chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout("request body not received in time") from None
+
+    async def _read_refined(self, limit: int, timeout_s: float, refine: Refine | None, declared: int | None) -> bytes:
+        """Read chunk by chunk, asking ``refine`` for a tighter limit from the first bytes (a multipart
+        body's ``model`` field): an upload over its model's limit is cut off the moment it passes it."""
+        content = self._request.content
+        chunks: list[bytes] = []
+        head = b""
+        total = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    chunk = await content.read(READ_CHUNK)
+                    if not chunk:
+                        if declared is not None and total != declared:
+                            raise InvalidRequest("request body shorter than its Content-Length")
+                        return b"".join(chunks)
+                    total += len(chunk)
+                    chunks.append(chunk)
+                    if refine is not None:
+                        head += chunk
+                        narrowed = refine(head)
+                        if narrowed is not None:
+                            limit, refine = min(limit, narrowed), None
+                            if declared is not None and declared > limit:
+                                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                    if total > limit:
+                        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         except TimeoutError:
             raise RequestTimeout("request body not received in time") from None
 
@@ -191,10 +220,7 @@ async def send(request: web.BaseRequest, ctx: RequestContext, response: BackendR
     ctx.status = response.status
     try:
         await out.prepare(request)
-        async for chunk in response.stream:
-            if chunk:
-                await out.write(chunk)
-                ctx.bytes_out += len(chunk)
+        await _relay(out, response.stream, ctx)
         await out.write_eof()
     except (ConnectionResetError, BrokenPipeError, asyncio.CancelledError):
         raise
@@ -209,10 +235,66 @@ async def send(request: web.BaseRequest, ctx: RequestContext, response: BackendR
     return out
 
 
+async def _relay(out: web.StreamResponse, stream: AsyncIterator[bytes], ctx: RequestContext) -> None:
+    """Write ``stream``'s chunks to the client as they come, each in one transport write.
+
+    The first chunk goes through aiohttp (it carries the buffered headers). After it, a chunked answer's
+    chunks are framed here and handed to the transport directly: aiohttp's ``write`` costs four Python
+    calls and a three-part join per chunk, and awaits ``drain`` only every 64 KiB. Here ``drain`` is
+    awaited whenever the transport is paused (bytes the client has not taken), which is also what
+    starts the client write deadline (``connection_limits``): a client that stops reading is waited on,
+    never written past, and dropped at ``client_write_timeout_s``. Anything unusual (no chunking, a
+    length, compression, aiohttp hooks or internals not where they were) takes aiohttp's own path.
+    """
+    async for chunk in stream:
+        if chunk:
+            await out.write(chunk)  # with the headers, in one write
+            ctx.bytes_out += len(chunk)
+            break
+    else:
+        return
+    writer = getattr(out, "_payload_writer", None)
+    protocol = getattr(writer, "_protocol", None)
+    direct = (type(writer) is StreamWriter and writer.chunked and writer.length is None
+              and writer._compress is None and writer._on_chunk_sent is None and writer.on_body_write is None
+              and hasattr(protocol, "_paused"))
+    if not direct:
+        async for chunk in stream:
+            if chunk:
+                await out.write(chunk)
+                ctx.bytes_out += len(chunk)
+        return
+    assert writer is not None and protocol is not None
+    sent = 0
+    try:
+        async for chunk in stream:
+            if not chunk:
+                continue
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                raise ClientConnectionResetError("Cannot write to closing transport")
+            framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            transport.write(framed)
+            writer.output_size += len(framed)
+            sent += len(chunk)
+            if protocol._paused:  # the client has not taken everything: wait for it (its write deadline runs)
+                await writer.drain()
+    finally:
+        ctx.bytes_out += sent
+
+
+def _raw_path(ctx: RequestContext) -> str:
+    """The path as received, for a request refused before (or by) path normalisation; "" when it has none."""
+    try:
+        return ctx.request.path
+    except GatewayError:
+        return ""
+
+
 def error_response(ctx: RequestContext, exc: GatewayError) -> web.Response:
     """The JSON error shape for ``exc``, with its headers and the request id."""
     ctx.status = exc.status
-    payload = error_body(exc.type, exc.message, ctx.request_id)
+    payload = error_body(exc.type, exc.message, ctx.request_id, ctx.path or _raw_path(ctx))
     ctx.bytes_out = len(payload)
     headers = {**ctx.response_headers, **exc.headers, **JSON_HEADERS, "X-Request-ID": ctx.request_id}
     return web.Response(status=exc.status, body=payload, headers=headers)

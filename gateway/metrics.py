@@ -254,6 +254,8 @@ class Metrics:
         # harden, audit
         self.hardened = Counter("maas_hardened_responses_total", "Answers rewritten by output hardening.",
                                 ["model", "rule"], registry=r)
+        self.monitor_alarms = Counter("maas_monitor_alarms_total", "Alarms raised by query-stream monitors.",
+                                      ["monitor"], registry=r)
         self.audit_lines = self._tally(Counter("maas_audit_lines_total", "Audit lines written to the file.", registry=r))
         self.audit_errors = Counter("maas_audit_errors_total", "Audit flushes that failed (lines kept and retried).",
                                     registry=r)

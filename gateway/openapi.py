@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from . import __version__
 from .config import GatewayConfig
+from .llm.openapi_paths import llm_paths
 from .openai_paths import CHAT, COMPLETIONS, EMBEDDINGS, MODELS, STREAMING_PATHS
 from .openapi_schemas import ERRORS, BODY_ERRORS, READ_ERRORS, error_responses, protocol_schemas, v2_request
 
@@ -38,13 +39,16 @@ OPENAI_ROUTES = {
     EMBEDDINGS: "EmbeddingRequest",
 }
 _COMPONENT = re.compile(r"[^A-Za-z0-9._-]")
+BINARY_HEADER = {"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                 "description": "Binary tensor extension: the byte length of the JSON header that starts the body.",
+                 "schema": {"type": "integer", "minimum": 1}}
 # Integers are 64-bit: a JSON integer beyond that range is read as a float and refused where an integer is due.
 
 
 def protocol_of(backend: Backend) -> str:
-    """``v2``, ``openai`` or ``raw``: as the model's backend says (``v2`` for anything else)."""
+    """``v2``, ``openai``, ``ollama`` or ``raw``: as the model's backend says (``v2`` for anything else)."""
     protocol = backend.protocol()
-    return protocol if protocol in ("v2", "openai", "raw") else "v2"
+    return protocol if protocol in ("v2", "openai", "ollama", "raw") else "v2"
 
 
 def build_document(config: GatewayConfig, backends: Mapping[str, Backend] | None = None) -> dict[str, Any]:
@@ -62,6 +66,7 @@ def build_document(config: GatewayConfig, backends: Mapping[str, Backend] | None
     paths: dict[str, Any] = {}
     openai: dict[str, dict[str, Any]] = {}  # model name -> its extra constraints
     raw_patterns: list[str] = []
+    ollama: list[str] = []  # models served by Ollama's native API
     used: set[str] = set(schemas)
     for name, model in sorted(config.models.items()):
         key = _component_name(name, used)
@@ -77,6 +82,8 @@ def build_document(config: GatewayConfig, backends: Mapping[str, Backend] | None
             _add_v2_paths(paths, name, f"#/components/schemas/{key}.InferenceRequest")
         elif protocol == "openai":
             openai[name] = {"schema": ref, "max_tokens": model.max_tokens}
+        elif protocol == "ollama":
+            ollama.append(name)
         else:
             for path in backends[name].raw_paths():
                 if any(c in path for c in "*?["):
@@ -86,6 +93,8 @@ def build_document(config: GatewayConfig, backends: Mapping[str, Backend] | None
     if openai:
         for path, generic in OPENAI_ROUTES.items():
             paths[path] = {"post": _openai_operation(path, generic, openai)}
+    paths.update(llm_paths(sorted(openai), ollama))  # Responses, Messages, rerank, ..., Ollama (gateway.llm)
+    _add_server_paths(paths)
     paths[MODELS] = {"get": _operation("listModels", "Models the caller may read.", None,
                                         {"200": _json_response("The models list.", {"$ref": "#/components/schemas/ModelList"})},
                                         READ_ERRORS, tags=["models"])}
@@ -165,6 +174,40 @@ def _add_v2_paths(paths: dict[str, Any], name: str, request_ref: str) -> None:
     paths[base + "/ready"] = {"get": _operation(
         _op_id("ready", name), f"Whether model {name} can answer now.", None,
         {"200": {"description": "The model is ready."}}, READ_ERRORS, tags=[name])}
+    infer = paths[base + "/infer"]["post"]
+    infer["requestBody"]["content"]["application/octet-stream"] = {  # the binary tensor extension
+        "schema": {"type": "string", "format": "binary",
+                   "description": "Inference-Header-Content-Length bytes of JSON (an InferenceRequest whose "
+                                  "binary inputs carry parameters.binary_data_size instead of data), then each "
+                                  "binary input's little-endian bytes in input order."}}
+    infer["parameters"] = [BINARY_HEADER]
+    infer["responses"]["200"]["content"]["application/octet-stream"] = {
+        "schema": {"type": "string", "format": "binary"}}
+    paths[base + "/generate"] = {"post": _operation(
+        _op_id("generate", name), f"Triton generate extension on model {name}.", _json_body({"type": "object"}),
+        {"200": _json_response("The model's answer.", {"type": "object"})}, BODY_ERRORS, tags=[name])}
+    stream_ok = {"description": "Server-sent events, relayed as they come.",
+                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    paths[base + "/generate_stream"] = {"post": _operation(
+        _op_id("generate_stream", name), f"Triton generate extension on model {name}, streamed (SSE).",
+        _json_body({"type": "object"}), {"200": stream_ok}, BODY_ERRORS, tags=[name])}
+    version = {"name": "version", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
+    for tail in ("", "/ready", "/infer", "/generate", "/generate_stream"):  # the same routes, one version named
+        item = json.loads(json.dumps(paths[base + tail]))
+        for method, operation in item.items():
+            operation["operationId"] += "_version"
+            operation["parameters"] = [version, *operation.get("parameters", [])]
+        paths[base + "/versions/{version}" + tail] = item
+
+
+def _add_server_paths(paths: dict[str, Any]) -> None:
+    """``GET /v2``, ``/v2/health/live|ready``: the gateway's own answers (any authenticated caller)."""
+    for path, op_id, summary in (("/v2", "serverMetadata", "The gateway's server metadata (name, version, extensions)."),
+                                 ("/v2/health/live", "serverLive", "The gateway is alive."),
+                                 ("/v2/health/ready", "serverReady", "The gateway is ready (503 when not).")):
+        paths[path] = {"get": _operation(op_id, summary, None, {"200": _json_response("Yes.", {"type": "object"})},
+                                         (401, 503), tags=["server"])}
 
 
 def _openai_operation(path: str, generic: str, models: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -85,17 +85,25 @@ def protocol_schemas() -> dict[str, Any]:
               "stream": {"type": "boolean"}, "stream_options": {"type": ["object", "null"]},
               "n": {"type": "integer", "minimum": 1, "maximum": INT64_MAX}}
     return {
-        "Error": {
-            "type": "object", "required": ["error"], "additionalProperties": False,
-            "properties": {"error": {
-                "type": "object", "required": ["type", "message", "request_id"],
-                "properties": {
-                    "type": {"type": "string", "enum": _error_types()},
-                    "message": {"type": "string"},
-                    "request_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
-                },
-            }},
-        },
+        "Error": {"description": "Nested everywhere, except on /v2/... and /api/..., where the fields are flat "
+                                 "and error is the message (the shape Triton and Ollama clients read).",
+                  "oneOf": [
+            {"type": "object", "required": ["error"], "additionalProperties": False,
+             "properties": {"error": {
+                 "type": "object", "required": ["type", "message", "request_id"],
+                 "properties": {
+                     "type": {"type": "string", "enum": _error_types()},
+                     "message": {"type": "string"},
+                     "request_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+                 },
+             }}},
+            {"type": "object", "required": ["error", "type", "request_id"], "additionalProperties": False,
+             "properties": {
+                 "error": {"type": "string"},
+                 "type": {"type": "string", "enum": _error_types()},
+                 "request_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+             }},
+        ]},
         "Tensor": {
             "type": "object", "required": ["name", "shape", "datatype", "data"],
             "properties": {

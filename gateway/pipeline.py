@@ -1,7 +1,7 @@
 """The request context and the contract every pipeline stage keeps.
 
 A request flows through ordered stages: request id -> framing -> path ->
-authenticate -> route -> body -> model -> authorise -> quota -> validate ->
+authenticate -> route -> body -> model -> llm -> authorise -> quota -> validate ->
 backend -> harden -> audit. Each stage reads the transport-neutral request
 (``ctx.request``, see ``gateway.request``) and what earlier stages wrote to the
 ``RequestContext``, and writes its own fields there (each field below names
@@ -32,9 +32,15 @@ class RouteKind(enum.Enum):
     V2_INFER = "v2_infer"  # POST /v2/models/{model}/infer
     V2_METADATA = "v2_metadata"  # GET /v2/models/{model}
     V2_READY = "v2_ready"  # GET /v2/models/{model}/ready
-    OPENAI = "openai"  # POST /v1/chat/completions | /v1/completions | /v1/embeddings
+    V2_GENERATE = "v2_generate"  # POST /v2/models/{model}/generate (Triton generate extension)
+    V2_GENERATE_STREAM = "v2_generate_stream"  # POST /v2/models/{model}/generate_stream (SSE)
+    V2_SERVER = "v2_server"  # GET /v2, /v2/health/live, /v2/health/ready: answered by the gateway itself
+    OPENAI = "openai"  # POST /v1/chat/completions, /v1/responses, /v1/messages, ... (gateway.llm.surfaces)
     MODELS_LIST = "models_list"  # GET /v1/models
     RAW = "raw"  # a raw backend's configured path
+    OLLAMA = "ollama"  # POST /api/chat | /api/generate | /api/embed | /api/embeddings | /api/show (model from the body)
+    OLLAMA_TAGS = "ollama_tags"  # GET /api/tags: the gateway's own list of the ollama models the caller may read
+    RESPONSE_ID = "response_id"  # /v1/responses/{id}[/input_items|/cancel]: model and owner from the id's record
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +88,15 @@ class RequestContext:
     model: ModelConfig | None = None  # model stage
     identity: Identity | None = None  # authenticate stage
     body: bytes = b""  # body stage: the body as received (after the size limit); what the backend forwards
-    json: Any = None  # body stage: the parsed body, for JSON routes
+    json: Any = None  # body stage: the parsed body, for JSON routes (a binary v2 request: its JSON header)
+    # body stage, binary v2 infer (``gateway.v2_binary``): the JSON header's length; the tensors' bytes follow it
+    binary_header: int | None = None
     # validate stage, v2 infer: the checked floating-point inputs of ``json``, by input name, as flat float64
     # arrays (the same numbers, converted once); a backend may take them instead of converting ``json`` again
     validated_inputs: Mapping[str, np.ndarray] | None = None
     decision: Decision | None = None  # authorise stage
+    params: dict[str, Any] | None = None  # request.params (gateway.request_params), read once when first needed
+    monitors: tuple[str, ...] = ()  # authorise stage: the monitors in alarm for this caller and model (audit)
     visible_models: tuple[str, ...] = ()  # authorise stage, GET /v1/models: the models the caller may read
     quota: str = "none"  # quota stage: "none" | "ok" | "limited" | "store_error" | "error"
     response_headers: dict[str, str] = field(default_factory=dict)  # added to the final response

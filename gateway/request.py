@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 # Read-only and case-insensitive; a name may repeat (``getall``). multidict is no transport's: the HTTP door hands
 # on aiohttp's own (no copy), another door wraps what it received.
 Headers = CIMultiDictProxy[str]
+# Given the first bytes of a body still arriving: a tighter size limit once they tell one, else None.
+Refine = Callable[[bytes], "int | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,9 @@ class Request(Protocol):
     @property
     def declared_length(self) -> int | None: ...
 
-    async def read_body(self, limit: int, timeout_s: float) -> bytes: ...
+    async def read_body(self, limit: int, timeout_s: float, refine: Refine | None = None) -> bytes:
+        """The whole body; ``refine(first bytes)`` may answer a tighter limit once it can tell (else None)."""
+        ...
 
 
 class BufferedRequest:
@@ -145,7 +149,10 @@ class BufferedRequest:
     def has_body(self) -> bool:
         return bool(self._body) or bool(self.declared_length)
 
-    async def read_body(self, limit: int, timeout_s: float) -> bytes:
+    async def read_body(self, limit: int, timeout_s: float, refine: Refine | None = None) -> bytes:
+        narrowed = refine(self._body) if refine is not None else None
+        if narrowed is not None:
+            limit = min(limit, narrowed)
         if len(self._body) > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         return self._body

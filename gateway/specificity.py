@@ -101,6 +101,16 @@ class MostSpecific:
     def __init__(self, entries: Sequence[Selecting]) -> None:
         self._selectors = tuple(Selector.of(entry) for entry in entries)
 
+    def ranked(self, subject: str | None, roles: Sequence[str], model: str) -> list[int]:
+        """Positions of every matching entry, most specific first (for entries that may still not apply)."""
+        role_set = frozenset(roles)
+        found = []
+        for i, selector in enumerate(self._selectors):
+            rank = selector.rank(subject, role_set, model)
+            if rank is not None:
+                found.append((rank[0], rank[1], -i))
+        return [-r[2] for r in sorted(found, reverse=True)]
+
     def index(self, subject: str | None, roles: Sequence[str], model: str) -> int | None:
         """The position of the most specific matching entry, or None when none matches."""
         best: tuple[int, int, int] | None = None

@@ -25,12 +25,17 @@ import math
 from array import array as pyarray
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, NoReturn, Sequence, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence, cast
 
 import numpy as np
 
 from .config import TensorSpec
 from .errors import InvalidRequest
+
+from .v2_binary import as_numbers
+
+if TYPE_CHECKING:
+    from .v2_binary import BinaryInputs
 
 MAX_RANK = 32  # dimensions in one shape (numpy's own limit is 32 on older versions, 64 on newer)
 _NUMBERS = frozenset({int, float})
@@ -69,6 +74,10 @@ DATATYPES: dict[str, Datatype] = {
     "FP64": Datatype(_NUMBERS),  # the parser already refuses non-finite numbers
     "BYTES": Datatype(frozenset({str}), noun="strings"),
 }
+# BF16 has no JSON form in the protocol (no numpy type either): it travels only as binary data
+ALL_DATATYPES = (*DATATYPES, "BF16")
+# parameters that point the server at memory the gateway cannot see: never forwarded
+SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 class RequestViolation(InvalidRequest):
@@ -80,12 +89,16 @@ class RequestViolation(InvalidRequest):
 
 
 def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None,
-                        arrays: dict[str, np.ndarray] | None = None) -> None:
+                        arrays: dict[str, np.ndarray] | None = None, binary: BinaryInputs | None = None) -> None:
     """Raise ``RequestViolation`` unless ``body`` is a runnable v2 infer request.
 
     Given ``arrays``, each floating-point input's values are left there as the
     float64 array the range check built (flat, row-major, by input name), so a
-    local backend does not convert the same numbers a second time.
+    local backend does not convert the same numbers a second time; a binary
+    input's values are left there as decoded (flat, their own dtype).
+    ``binary`` holds the bytes after a binary request's JSON header (``body``
+    is then that header): an input with ``parameters.binary_data_size`` takes
+    its values from there, and every byte must belong to some input.
     """
     if type(body) is not dict:
         raise RequestViolation("(root): must be an object (a v2 infer request)", "v2_body")
@@ -98,23 +111,29 @@ def check_infer_request(body: Any, declared: Sequence[TensorSpec] | None = None,
         raise RequestViolation("/inputs: must be a non-empty list of input tensors", "v2_body")
     names: dict[str, int] = {}
     for i, tensor in enumerate(inputs):
-        name = _check_tensor(tensor, f"/inputs/{i}", arrays)
+        name = _check_tensor(tensor, f"/inputs/{i}", arrays, binary)
         if name in names:
             raise RequestViolation(f"/inputs/{i}/name: duplicate input name {_show(name)}", "v2_duplicate_input")
         names[name] = i
+    if binary is not None:
+        binary.finish()
     _check_outputs(body.get("outputs"))
     if declared is not None:
         _match_declared(inputs, names, declared)
 
 
-def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None = None) -> str:
+def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None = None,
+                  binary: BinaryInputs | None = None) -> str:
     if type(tensor) is not dict:
         raise RequestViolation(f"{where}: must be an object (name, shape, datatype, data)", "v2_body")
     name = tensor.get("name")
     if type(name) is not str or not name:
         raise RequestViolation(f"{where}/name: must be a non-empty string", "v2_body")
-    if "parameters" in tensor and type(tensor["parameters"]) is not dict:
-        raise RequestViolation(f"{where}/parameters: must be an object", "v2_body")
+    if "parameters" in tensor:
+        params = tensor["parameters"]
+        _check_parameters(params, f"{where}/parameters")
+        if "binary_data_size" in params:
+            return _check_binary(tensor, name, where, params["binary_data_size"], arrays, binary)
     shape = tensor.get("shape")
     if (
         type(shape) is not list
@@ -127,11 +146,14 @@ def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None 
     datatype = tensor.get("datatype")
     spec = DATATYPES.get(datatype) if type(datatype) is str else None
     if spec is None:
+        if datatype == "BF16":
+            raise RequestViolation(f"{where}/datatype: BF16 is sent only as binary data "
+                                   "(parameters.binary_data_size with Inference-Header-Content-Length)", "v2_datatype")
         raise RequestViolation(
             f"{where}/datatype: must be one of {', '.join(DATATYPES)}", "v2_datatype"
         )
     if "data" not in tensor:
-        raise RequestViolation(f"{where}/data: is required (the binary data extension is not supported)", "v2_body")
+        raise RequestViolation(f"{where}/data: is required (or parameters.binary_data_size, for binary data)", "v2_body")
     data = tensor["data"]
     if type(data) is not list:
         raise RequestViolation(f"{where}/data: must be a list of {datatype} values", "v2_datatype")
@@ -144,6 +166,38 @@ def _check_tensor(tensor: Any, where: str, arrays: dict[str, np.ndarray] | None 
     array = _check_values(values, dims, spec, cast(str, datatype), f"{where}/data")  # a known name: spec is set
     if arrays is not None and array is not None:
         arrays[name] = array
+    return name
+
+
+def _check_parameters(params: Any, where: str) -> None:
+    if type(params) is not dict:
+        raise RequestViolation(f"{where}: must be an object", "v2_body")
+    for key in SHARED_MEMORY:
+        if key in params:
+            raise RequestViolation(f"{where}/{key}: shared memory is not accepted through the gateway "
+                                   "(it cannot check what it cannot see); send the data in the request",
+                                   "v2_shared_memory")
+
+
+def _check_binary(tensor: dict[str, Any], name: str, where: str, size: Any, arrays: dict[str, np.ndarray] | None,
+                  binary: BinaryInputs | None) -> str:
+    """An input whose values are binary data: shape and datatype as for JSON, the bytes from ``binary``."""
+    if binary is None:
+        raise RequestViolation(f"{where}/parameters/binary_data_size: binary data needs the "
+                               "Inference-Header-Content-Length header (the request is all JSON)", "v2_binary")
+    if "data" in tensor:
+        raise RequestViolation(f"{where}: has both data and parameters.binary_data_size", "v2_binary")
+    shape = tensor.get("shape")
+    if type(shape) is not list or len(shape) > MAX_RANK or any(type(d) is not int or d < 0 for d in shape):
+        raise RequestViolation(
+            f"{where}/shape: must be a list of at most {MAX_RANK} non-negative integers", "v2_shape"
+        )
+    datatype = tensor.get("datatype")
+    if datatype not in ALL_DATATYPES:
+        raise RequestViolation(f"{where}/datatype: must be one of {', '.join(ALL_DATATYPES)}", "v2_datatype")
+    values = binary.take(where, name, datatype, shape, size)
+    if arrays is not None:  # numbers as numbers (BF16 widened to FP32, BOOL as bool); BYTES as bytes objects
+        arrays[name] = as_numbers(values, datatype)
     return name
 
 
@@ -239,6 +293,8 @@ def _check_outputs(outputs: Any) -> None:
         name = output.get("name") if type(output) is dict else None
         if type(name) is not str or not name:
             raise RequestViolation(f"/outputs/{i}/name: must be a non-empty string", "v2_body")
+        if "parameters" in output:
+            _check_parameters(output["parameters"], f"/outputs/{i}/parameters")
         if name in seen:
             raise RequestViolation(f"/outputs/{i}/name: duplicate output name {_show(name)}", "v2_body")
         seen.add(name)

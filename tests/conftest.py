@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import Keys  # noqa: E402
+from tests.harness import Keys
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,11 @@ managers that stop what they started, so a test needs no try/finally of its own:
                 r = await s.post(gw.url + "/v2/models/digits/infer", json=..., headers=keys.auth("alice"))
 
 ``start_upstream`` / ``start_gateway`` (and ``.stop()``) remain for tests that stop or restart a
-server in the middle.
+server in the middle; ``stopping(server)`` turns anything already started into such a context manager.
+
+``tests`` is a package: helpers are imported as ``from tests.harness import ...`` (``tests.upstreams``,
+``tests.http_helpers``, ``tests.quota_support``, ``tests.audit_support``, ``tests.certs``, ``tests.clock``
+for a fake clock, ``tests.fake_upstream`` for the upstream client without sockets).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import jwt as pyjwt
 import yaml
@@ -172,6 +176,14 @@ def write_yaml(path: Path, data: Any) -> Path:
     return path
 
 
+def write_config(tmp_path: Path, text: str) -> Path:
+    """``text`` as ``tmp_path/gateway.yaml``, beside an empty ``jwks.json`` (for configs that name one)."""
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
 def gateway_config(tmp_path: Path, keys: Keys | None, *, models: dict[str, Any], policy: dict[str, Any] | str | None,
                    **sections: Any) -> dict[str, Any]:
     """A complete config dict: JWT auth from ``keys``, the given models and policy, audit in tmp_path."""
@@ -233,12 +245,45 @@ async def gateway(tmp_path: Path, keys: Keys | None = None, *, models: dict[str,
         await gw.stop()
 
 
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Stoppable)
+
+
+@asynccontextmanager
+async def stopping(server: S) -> AsyncIterator[S]:
+    """Anything already started with an async ``stop()`` (a test file's own gateway builder, say) as an async
+    context manager: ``async with stopping(await gateway_for(...)) as gw:`` stops it on the way out."""
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+@asynccontextmanager
+async def closing(thing: C) -> AsyncIterator[C]:
+    """The same for anything with an async ``close()`` (a JWT verifier, a batch runner, a backend)."""
+    try:
+        yield thing
+    finally:
+        await thing.close()
+
+
 @asynccontextmanager
 async def redis_server(workdir: Path, port: int | None = None) -> AsyncIterator[Any]:
     """A private redis-server (``quota_support.RedisServer``: freeze, thaw, kill) stopped on the way out."""
     import asyncio
 
-    from quota_support import RedisServer  # here, not at the top: quota_support imports the gateway
+    from tests.quota_support import RedisServer  # here, not at the top: quota_support imports the gateway
 
     server = RedisServer(workdir, port)
     await asyncio.to_thread(server.start)
@@ -339,3 +384,21 @@ def _complete(data: bytes) -> bool:
         if line.lower().startswith(b"content-length:"):
             return len(body) >= int(line.split(b":", 1)[1])
     return False
+
+
+def error_fields(body: Any) -> dict[str, Any]:
+    """An error answer's ``{type, message, request_id}`` in either shape the gateway writes.
+
+    Flat on the Open Inference Protocol and Ollama paths (``/v2/...``, ``/api/...``:
+    ``{"error": "<message>", "type": ..., "request_id": ...}``), nested elsewhere
+    (``{"error": {"type", "message", "request_id"}}``); anything else fails the test.
+    """
+    if isinstance(body, (bytes, str)):
+        body = json.loads(body)
+    assert isinstance(body, dict) and "error" in body, body
+    error = body["error"]
+    if isinstance(error, dict):
+        assert set(body) == {"error"} and set(error) == {"type", "message", "request_id"}, body
+        return dict(error)
+    assert isinstance(error, str) and set(body) == {"error", "type", "request_id"}, body
+    return {"type": body["type"], "message": error, "request_id": body["request_id"]}

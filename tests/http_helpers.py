@@ -14,6 +14,7 @@ from gateway.config import ServerConfig
 from gateway.metrics import Metrics
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
 from gateway.request import BufferedRequest
+from tests.clock import FakeClock
 
 ROUTES = {
     RouteKind.V2_INFER: ("POST", "infer", True),
@@ -63,12 +64,18 @@ def make_backend(
     protocol: str = "v2",
     name: str = "digits",
     metrics: Metrics | None = None,
+    clock: FakeClock | None = None,
     **options: Any,
 ) -> HttpBackend:
+    """An http backend over ``upstreams``; with ``clock``, its upstream pool (ejection, probes) runs on that clock."""
     config = HttpBackendConfig(type="http", protocol=protocol, upstreams=upstreams, **options)  # type: ignore[arg-type]
     problem = config.validate()
     assert problem is None, problem
-    return HttpBackend(name, None, config, BackendEnv(server=ServerConfig(upstream_timeout_s=5), metrics=metrics))  # type: ignore[arg-type]
+    backend = HttpBackend(name, None, config, BackendEnv(server=ServerConfig(upstream_timeout_s=5), metrics=metrics))  # type: ignore[arg-type]
+    if clock is not None:
+        backend._pool.clock = clock
+        backend._pool.sleep = clock.sleep
+    return backend
 
 
 async def read_all(response: Any) -> bytes:

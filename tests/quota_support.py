@@ -15,9 +15,9 @@ from typing import Any
 import redis
 
 from gateway.pipeline import Decision, Identity, RequestContext, Route, RouteKind
-from gateway.policy.document import PolicyDocument, QuotaRule
+from gateway.policy.document import PolicyDocument, QuotaRule, load_document
 from gateway.request import BufferedRequest
-from harness import free_port  # noqa: F401  (re-exported: quota tests import it from here)
+from tests.harness import free_port  # noqa: F401  (re-exported: quota tests import it from here)
 
 
 def unique_prefix() -> str:
@@ -101,6 +101,22 @@ class Policy:
 
 def document(*quotas: QuotaRule) -> PolicyDocument:
     return PolicyDocument(quotas=list(quotas))
+
+
+def outputs_policy(tmp_path: Path, outputs: str) -> Policy:
+    """A policy with no rules and the given ``outputs:`` entries (YAML lines), loaded as the gateway loads one."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"rules: []\noutputs:\n{outputs}")
+    return Policy(load_document(str(path)))
+
+
+def redis_up(url: str) -> bool:
+    """Whether the test Redis answers (tests that need it skip otherwise)."""
+    try:
+        redis.Redis.from_url(url, socket_timeout=1).ping()
+        return True
+    except redis.RedisError:
+        return False
 
 
 def context(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model: str = "digits", *,

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from audit_support import entries, new_key_file, rechain, verify_cli, write_lines
+from tests.audit_support import entries, new_key_file, rechain, verify_cli, write_lines
 from gateway.audit import GENESIS, AuditLog, KeyProblem, decode_key, verify, verify_log
 from gateway.audit.chain import Sealer, split_mac
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from audit_support import write_lines
+from tests import harness
+from tests.audit_support import write_lines
 from gateway.audit import AuditLog, verify
 from gateway.errors import ConfigError
-from harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, start_gateway, start_upstream, v2_model, write_yaml
+from tests.harness import ALLOW_ANALYSTS, Keys, free_port, gateway_config, v2_model, write_yaml
 
 
 async def test_second_writer_in_process_is_refused_until_the_first_closes(tmp_path: Path) -> None:
@@ -32,9 +33,8 @@ def test_an_unclosed_log_releases_its_lock_when_dropped(tmp_path: Path) -> None:
 
 
 async def test_second_gateway_process_refuses_to_start(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
-    try:
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS) as gw):
         second = tmp_path / "second"
         second.mkdir()
         config = gateway_config(second, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
@@ -48,9 +48,6 @@ async def test_second_gateway_process_refuses_to_start(tmp_path: Path, keys: Key
         assert errors == [f"error: audit log {tmp_path / 'audit.log'} is already being written by another process "
                           "(one writer per file)"], proc.stderr
         assert "Traceback" not in proc.stderr
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 def test_a_writer_in_another_process_blocks_this_one(tmp_path: Path) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import aiohttp
 
-from audit_support import entries, new_key_file, verify_cli, write_lines
+from tests import harness
+from tests.audit_support import entries, new_key_file, verify_cli, write_lines
 from gateway.audit import verify_log
-from harness import ALLOW_ANALYSTS, Keys, start_gateway, start_upstream, v2_model
+from tests.harness import ALLOW_ANALYSTS, Keys, start_gateway, v2_model
 
 TORN = b'{"ts":"2026-11-22T03:26:39.123Z","request_id":"crashed-mid-wr'
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
@@ -51,8 +52,7 @@ async def test_a_file_that_is_only_a_torn_line(tmp_path: Path) -> None:
 
 
 async def test_torn_tail_then_gateway_restart(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream()
-    try:
+    async with harness.upstream() as up:
         for round_ in range(2):
             gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS)
             async with aiohttp.ClientSession() as s:
@@ -62,8 +62,6 @@ async def test_torn_tail_then_gateway_restart(tmp_path: Path, keys: Keys) -> Non
             if round_ == 0:
                 with (tmp_path / "audit.log").open("ab") as f:
                     f.write(TORN)
-    finally:
-        await up.stop()
     r = verify_cli(tmp_path / "audit.log")
     assert r.returncode == 0, r.stdout
     assert ":2: recovery:" in r.stdout and "3 line(s), chain intact" in r.stdout

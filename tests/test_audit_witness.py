@@ -10,8 +10,8 @@ import orjson
 import pytest
 import redis
 
-from audit_support import entries, new_key_file, rechain, verify_cli, write_lines
-from harness import eventually
+from tests.audit_support import entries, new_key_file, rechain, verify_cli, write_lines
+from tests.harness import eventually
 from gateway.audit import AuditLog, verify_log
 from gateway.audit.witness import locate
 
@@ -171,7 +171,7 @@ async def test_a_hung_witness_never_delays_the_lines(tmp_path: Path) -> None:
         log.write({"request_id": "b"})
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.sleep(0.35)  # the thing under test: the loop keeps time while the witness hangs
+        await asyncio.sleep(0.35)  # the audit flush timer on the real loop keeps time while the witness hangs
         assert loop.time() - started < 0.5  # the event loop was never held
         assert len(path.read_bytes().splitlines()) == 2  # flushed while the witness hung
     finally:

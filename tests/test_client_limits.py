@@ -1,150 +1,46 @@
-"""Client-side limits (``server.*``): head deadline, head size, connection caps, keep-alive, write deadline.
+"""Client-side limits on the request side (``server.*``): head deadline, head size, connection caps, keep-alive.
 
 Every test talks to a real gateway over real loopback sockets, with raw
 non-blocking sockets where the point is a client that misbehaves (sends half a
-head, drips bytes, never reads). Limits are short so each test takes seconds.
+head, drips bytes). Limits are short so each test takes seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import orjson
 import pytest
 from aiohttp import web
 
 from gateway.config import ServerConfig, load_config
 from gateway.errors import ConfigError
-from certs import self_signed
-from harness import (ALLOW_ANALYSTS, Keys, eventually, gateway_config, openai_model, start_gateway, start_upstream,
+from tests import harness
+from tests.harness import (ALLOW_ANALYSTS, error_fields, Keys, gateway_config, start_gateway, start_upstream,
                      v2_model, write_yaml)
+from tests.client_limits_support import (  # noqa: F401  (fixtures and pytestmark are used by pytest)
+    BODY,
+    V2_PATH,
+    error_of,
+    event_loop_policy,
+    exchange,
+    gateway,
+    infer,
+    open_raw,
+    padded_head,
+    port_of,
+    pytestmark,
+    raw_socket,
+    send,
+    served,
+    until_closed,
+    until_closed_after_send,
+    upstream,
+    wait_for)
 
-BODY = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1],"data":[1.0]}]}'
-V2_PATH = "/v2/models/digits/infer"
-
-
-# -- raw sockets ---------------------------------------------------------------------
-
-async def open_raw(port: int, *, rcvbuf: int | None = None, source: str | None = None) -> socket.socket:
-    """A connected non-blocking socket; nothing reads it unless the test does (a client that never reads)."""
-    loop = asyncio.get_running_loop()
-    assert ("uvloop" in type(loop).__module__) == (_LOOP["expected"] == "uvloop"), type(loop)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if source is not None:
-        sock.bind((source, 0))
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def send(sock: socket.socket, data: bytes) -> None:
-    await asyncio.get_running_loop().sock_sendall(sock, data)
-
-
-async def until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Everything the server sends, and whether it closed the connection (EOF or reset) within ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - loop.time()
-        if left <= 0:
-            return b"".join(chunks), False
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
-        except asyncio.TimeoutError:
-            return b"".join(chunks), False
-        except (ConnectionResetError, BrokenPipeError):
-            return b"".join(chunks), True
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-
-
-async def exchange(sock: socket.socket, request: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
-    """One request on a keep-alive connection: its status and body."""
-    loop = asyncio.get_running_loop()
-    await send(sock, request)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
-        assert chunk, f"closed before an answer: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
-        assert chunk, "closed mid-answer"
-        body += chunk
-    return int(head.split(b" ", 2)[1]), body
-
-
-def infer(keys: Keys) -> bytes:
-    return (f"POST {V2_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: {keys.auth()['Authorization']}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode() + BODY
-
-
-def error_of(answer: bytes) -> tuple[int, dict[str, Any]]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"connection: close" in head.lower(), head
-    return int(head.split(b" ", 2)[1]), orjson.loads(body)["error"]
-
-
-async def served(url: str, keys: Keys) -> int:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url + V2_PATH, data=BODY, headers={**keys.auth(), "Content-Type": "application/json"}) as r:
-            await r.read()
-            return r.status
-
-
-async def wait_for(check: Any, timeout: float = 5.0) -> None:
-    await eventually(check, timeout, interval=0.02, message="condition never held")
-
-
-# Every test runs on both loops: ``serve`` runs on uvloop, whose transports pause and buffer on their own
-# terms. (pytest-asyncio 1.x deprecates overriding this fixture in favour of a conftest hook; open_raw
-# asserts the loop, so the override silently lapsing would fail every test.)
-pytestmark = pytest.mark.filterwarnings("ignore:Overriding the \"event_loop_policy\" fixture:DeprecationWarning")
-
-
-_LOOP = {"expected": "asyncio"}
-
-
-@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    _LOOP["expected"] = request.param
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
-
-
-@pytest.fixture
-async def upstream():
-    up = await start_upstream()
-    yield up
-    await up.stop()
-
-
-async def gateway(tmp_path: Path, keys: Keys, up: Any, **server: Any) -> Any:
-    return await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                               server=server)
-
-
-def port_of(gw: Any) -> int:
-    return int(gw.url.rsplit(":", 1)[1])
-
-
-# -- configuration ---------------------------------------------------------------------
 
 def test_defaults_are_the_contracts() -> None:
     s = ServerConfig()
@@ -174,19 +70,33 @@ def test_aiohttp_internals_the_guard_reads_are_still_there() -> None:
     assert _ErrInfo(status=431, exc=ValueError(), message="m").status == 431
 
 
-# -- the request head ------------------------------------------------------------------
+def test_aiohttp_internals_the_stream_relay_reads_are_still_there() -> None:
+    """``http_door._relay`` writes stream chunks straight to the transport when these exist and falls back to
+    ``StreamResponse.write`` when not: correct either way, but an upgrade that renames them must show up here."""
+    import inspect
+
+    from aiohttp.http_writer import StreamWriter
+    from aiohttp.web_response import StreamResponse
+
+    assert "_payload_writer" in inspect.getsource(StreamResponse)
+    writer_source = inspect.getsource(StreamWriter)
+    for name in ("_protocol", "_compress", "_on_chunk_sent", "on_body_write"):
+        assert name in writer_source, name
+
 
 async def test_half_sent_heads_are_closed_within_the_deadline_while_a_real_client_is_served(
         tmp_path: Path, keys: Keys, upstream: Any) -> None:
-    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)
+    # 1.5 s, not 0.5 s: on a loaded 2-core box serving the real client can take longer than 0.5 s, and the
+    # half-sent heads must still be held while it is served
+    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=1.5, keepalive_timeout_s=30)
     counter = gw.running.connections
     socks: list[socket.socket] = []
     try:
         socks = list(await asyncio.gather(*(open_raw(port_of(gw)) for _ in range(400))))
         sent_at = time.monotonic()
         await asyncio.gather(*(send(s, b"POST / HTTP/1.1\r\nHost: x\r\n") for s in socks))
+        await wait_for(lambda: counter.total >= 400)
         assert await served(gw.url, keys) == 200  # served while the 400 are held
-        assert counter.total >= 400
 
         async def closed_after(sock: socket.socket) -> tuple[float, bytes, bool]:
             answer, closed = await until_closed(sock, 5)
@@ -195,7 +105,7 @@ async def test_half_sent_heads_are_closed_within_the_deadline_while_a_real_clien
         results = await asyncio.gather(*(closed_after(s) for s in socks))
         assert all(closed for _, _, closed in results)
         slowest = max(t for t, _, _ in results)
-        assert slowest < 0.5 + 1.5, slowest  # the deadline, plus scheduling slack for 400 sockets on a busy box
+        assert slowest < 1.5 + 1.5, slowest  # the deadline, plus scheduling slack for 400 sockets on a busy box
         statuses = {error_of(answer)[0] for _, answer, _ in results if answer}
         assert statuses <= {408}
         assert error_of(results[0][1])[1]["type"] == "request_timeout"
@@ -214,21 +124,21 @@ async def test_half_sent_heads_are_closed_within_the_deadline_while_a_real_clien
 
 async def test_slowloris_is_closed_at_the_deadline_although_bytes_keep_arriving(
         tmp_path: Path, keys: Keys, upstream: Any) -> None:
-    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)
-    sock = await open_raw(port_of(gw))
-    dripped = 0
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream, header_timeout_s=0.5,
+                                               keepalive_timeout_s=30)) as gw,
+                raw_socket(port_of(gw)) as sock):
+        dripped = 0
 
-    async def drip() -> None:
-        nonlocal dripped
-        for byte in b"X-Slow: " + b"a" * 200:
-            try:
-                await send(sock, bytes([byte]))
-            except OSError:
-                return
-            dripped += 1
-            await asyncio.sleep(0.1)  # the thing under test: a head dripped one byte at a time
+        async def drip() -> None:
+            nonlocal dripped
+            for byte in b"X-Slow: " + b"a" * 200:
+                try:
+                    await send(sock, bytes([byte]))
+                except OSError:
+                    return
+                dripped += 1
+                await asyncio.sleep(0.1)  # real socket vs the server's real head deadline: a head dripped byte by byte
 
-    try:
         started = time.monotonic()
         await send(sock, b"GET /v2 HTTP/1.1\r\nHost: x\r\n")
         dripper = asyncio.create_task(drip())
@@ -241,56 +151,44 @@ async def test_slowloris_is_closed_at_the_deadline_although_bytes_keep_arriving(
         status, error = error_of(answer)
         assert status == 408 and error["type"] == "request_timeout"
         assert gw.running.connections.head_timeouts == 1
-    finally:
-        sock.close()
-        await gw.stop()
 
 
 async def test_keep_alive_connections_next_head_has_its_own_deadline(tmp_path: Path, keys: Keys, upstream: Any) -> None:
-    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)) as gw,
+                raw_socket(port_of(gw)) as sock):
         for _ in range(3):  # well-behaved requests on one connection, spread over more than one deadline
             assert (await exchange(sock, infer(keys)))[0] == 200
-            await asyncio.sleep(0.3)  # the thing under test: idle gaps that add up past the head deadline
+            await asyncio.sleep(0.3)  # real socket idle past the server's real deadline (gaps add up past it)
         started = time.monotonic()
         await send(sock, b"GET /v2 HTTP/1.1\r\nHost: x\r\n")  # then half a head on the same connection
         answer, closed = await until_closed(sock, 5)
         assert closed and 0.4 <= time.monotonic() - started < 1.5
         assert error_of(answer)[0] == 408
-    finally:
-        sock.close()
-        await gw.stop()
 
 
 async def test_a_head_split_across_reads_within_the_deadline_is_served(tmp_path: Path, keys: Keys,
                                                                        upstream: Any) -> None:
-    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=1)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream, header_timeout_s=1)) as gw,
+                raw_socket(port_of(gw)) as sock):
         request = infer(keys)
         for i in range(0, 300, 60):
             await send(sock, request[i:i + 60])
-            await asyncio.sleep(0.05)  # the thing under test: a head in slow pieces, within the deadline
+            await asyncio.sleep(0.05)  # real socket, real deadline: a head in slow pieces, within it
         assert (await exchange(sock, request[300:]))[0] == 200
         # pipelined: a whole request and the start of the next in one write; the rest arrives in time
         # (after a Content-Length body the next head's clock starts with its next read: see the module)
         await send(sock, request + request[:50])
-        await asyncio.sleep(0.3)  # the thing under test: the rest of the next head comes late, yet in time
+        await asyncio.sleep(0.3)  # real socket, real deadline: the rest of the next head comes late, yet in time
         status, _ = await exchange(sock, b"")
         assert status == 200
         assert (await exchange(sock, request[50:]))[0] == 200
         assert gw.running.connections.head_timeouts == 0
-    finally:
-        sock.close()
-        await gw.stop()
 
 
 async def test_half_a_head_pipelined_behind_a_request_gets_the_deadline(tmp_path: Path, keys: Keys,
                                                                         upstream: Any) -> None:
-    gw = await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream, header_timeout_s=0.5, keepalive_timeout_s=30)) as gw,
+                raw_socket(port_of(gw)) as sock):
         auth = keys.auth()["Authorization"]
         whole = f"GET /v2/models/digits/ready HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode()
         started = time.monotonic()
@@ -300,14 +198,11 @@ async def test_half_a_head_pipelined_behind_a_request_gets_the_deadline(tmp_path
         first, _, rest = answer.partition(b"\r\n\r\n")
         assert first.startswith(b"HTTP/1.1 200"), answer[:200]
         assert b" 408 Request Timeout\r\n" in rest
-    finally:
-        sock.close()
-        await gw.stop()
 
 
 async def test_the_head_deadline_never_applies_to_bodies_or_slow_answers(tmp_path: Path, keys: Keys) -> None:
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.8)  # the thing under test: an answer slower than the head deadline
+        await asyncio.sleep(0.8)  # a real upstream slower than the server's real head deadline
         return web.json_response({"outputs": []})
 
     up = await start_upstream(slow)
@@ -319,7 +214,7 @@ async def test_the_head_deadline_never_applies_to_bodies_or_slow_answers(tmp_pat
         head_end = request.index(b"\r\n\r\n") + 4
         await send(sock, request[:head_end])
         for i in range(head_end, len(request), 25):  # a body trickling in for longer than the head deadline
-            await asyncio.sleep(0.2)  # the thing under test: a trickling body
+            await asyncio.sleep(0.2)  # real socket: a body trickling past the server's real head deadline
             await send(sock, request[i:i + 25])
         assert (await exchange(sock, b""))[0] == 200  # and an answer slower than it
         chunked_head = request[:head_end - 2].replace(b"Content-Length: %d\r\n" % len(BODY),
@@ -337,20 +232,10 @@ async def test_the_head_deadline_never_applies_to_bodies_or_slow_answers(tmp_pat
         await up.stop()
 
 
-def padded_head(total: int, *, finished: bool) -> bytes:
-    head = b"GET /v2 HTTP/1.1\r\nHost: x\r\n"
-    i = 0
-    while len(head) < total:
-        head += b"X-Pad-%d: %s\r\n" % (i, b"a" * 2000)
-        i += 1
-    return head + (b"\r\n" if finished else b"")
-
-
 @pytest.mark.parametrize("finished", [False, True], ids=["arriving", "whole"])
 async def test_a_200_kb_head_is_431_and_closed(tmp_path: Path, keys: Keys, upstream: Any, finished: bool) -> None:
-    gw = await gateway(tmp_path, keys, upstream)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream)) as gw,
+                raw_socket(port_of(gw)) as sock):
         head = padded_head(200_000, finished=finished)
         if finished:
             await send(sock, head)  # whole: may be parsed in one read, then the parsed head is measured
@@ -363,55 +248,34 @@ async def test_a_200_kb_head_is_431_and_closed(tmp_path: Path, keys: Keys, upstr
         assert error["request_id"] and f"x-request-id: {error['request_id']}".encode() in answer.lower()
         assert gw.running.connections.heads_too_large == 1
         assert upstream.seen == []
-    finally:
-        sock.close()
-        await gw.stop()
 
 
 async def test_one_long_header_within_the_total_still_reaches_the_app(tmp_path: Path, keys: Keys,
                                                                       upstream: Any) -> None:
     """A 30 KB bearer token is the app's 401, as before; three such headers (90 KB) are over the 64 KB total."""
-    gw = await gateway(tmp_path, keys, upstream)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream)) as gw,
+                raw_socket(port_of(gw)) as sock):
         token = "x" * 30_000
         request = (f"POST {V2_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n").encode() + BODY
         status, body = await exchange(sock, request)
-        assert status == 401 and orjson.loads(body)["error"]["type"] == "unauthenticated"
+        assert status == 401 and error_fields(body)["type"] == "unauthenticated"
         big = b"".join(b"X-Big-%d: %s\r\n" % (i, b"b" * 30_000) for i in range(3))
         three = b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + big
         answer, closed = await until_closed_after_send(sock, three + b"\r\n")
         assert closed and error_of(answer)[0] == 431
-    finally:
-        sock.close()
-        await gw.stop()
-
-
-async def until_closed_after_send(sock: socket.socket, data: bytes) -> tuple[bytes, bool]:
-    try:
-        await send(sock, data)
-    except OSError:
-        pass  # the server may refuse before taking everything
-    return await until_closed(sock, 5)
 
 
 async def test_aiohttp_header_limits_are_431_too(tmp_path: Path, keys: Keys, upstream: Any) -> None:
     """Over 128 headers (aiohttp's own limit) is a header problem, answered like the total cap."""
-    gw = await gateway(tmp_path, keys, upstream)
-    sock = await open_raw(port_of(gw))
-    try:
+    async with (harness.stopping(await gateway(tmp_path, keys, upstream)) as gw,
+                raw_socket(port_of(gw)) as sock):
         many = b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n"
         answer, closed = await until_closed_after_send(sock, many)
         assert closed
         status, error = error_of(answer)
         assert status == 431 and error["type"] == "request_header_fields_too_large"
-    finally:
-        sock.close()
-        await gw.stop()
 
-
-# -- connections -----------------------------------------------------------------------
 
 async def test_per_ip_cap_closes_the_extra_connection_at_once(tmp_path: Path, keys: Keys, upstream: Any) -> None:
     gw = await gateway(tmp_path, keys, upstream, max_connections_per_ip=2, max_connections=100)
@@ -490,192 +354,3 @@ async def test_idle_keep_alive_connection_is_closed(tmp_path: Path, keys: Keys, 
         await gw.stop()
 
 
-# -- the write deadline ------------------------------------------------------------------
-
-def endless_sse(streams: dict[str, Any]):
-    """An upstream that streams SSE until its client (the gateway) goes away, and says when that happened."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        doc = orjson.loads(await request.read())
-        if not doc.get("stream"):
-            return web.json_response({"id": "c", "object": "chat.completion", "created": 0, "model": "chat",
-                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                                                   "finish_reason": "stop"}],
-                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        streams["started"] += 1
-        event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 16_000}}]}) + b"\n\n"
-        try:
-            while True:
-                await response.write(event)
-        except (ConnectionError, asyncio.CancelledError):
-            streams["released"] += 1
-            raise
-        return response
-
-    return handler
-
-
-def chat_request(keys: Keys, *, stream: bool) -> bytes:
-    body = orjson.dumps({"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {keys.auth()['Authorization']}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-async def test_stalled_stream_reader_is_dropped_and_its_upstream_connection_freed(tmp_path: Path,
-                                                                                  keys: Keys) -> None:
-    streams = {"started": 0, "released": 0}
-    up = await start_upstream(endless_sse(streams))
-    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url, max_connections=2)},
-                             policy=ALLOW_ANALYSTS, server={"client_write_timeout_s": 1})
-    stalled: list[socket.socket] = []
-    try:
-        for _ in range(2):  # both pooled upstream connections, held by clients that never read
-            sock = await open_raw(port_of(gw), rcvbuf=4096)
-            await send(sock, chat_request(keys, stream=True))
-            stalled.append(sock)
-        await wait_for(lambda: streams["started"] == 2)
-        started = time.monotonic()
-
-        async with aiohttp.ClientSession() as s:  # a second caller: waits for a pooled connection, then is served
-            async with s.post(gw.url + "/v1/chat/completions", headers=keys.auth(),
-                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
-                assert r.status == 200, await r.text()
-                assert (await r.json())["choices"][0]["message"]["content"] == "hi"
-        waited = time.monotonic() - started
-        assert 0.5 < waited < 6, waited  # it needed one of the stalled readers' connections
-
-        await wait_for(lambda: streams["released"] == 2)
-        assert gw.running.connections.write_timeouts == 2
-        for sock in stalled:  # the stalled callers' sockets are closed, not left streaming
-            _, closed = await until_closed(sock, 5)
-            assert closed
-    finally:
-        for sock in stalled:
-            sock.close()
-        await gw.stop()
-        await up.stop()
-
-
-async def test_large_answer_to_a_client_that_never_reads_is_dropped(tmp_path: Path, keys: Keys) -> None:
-    big = b'{"outputs": [], "pad": "' + b"p" * 12_000_000 + b'"}'
-    calls = {"n": 0}
-
-    async def large(request: web.Request) -> web.Response:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            return web.Response(body=big, content_type="application/json")
-        return web.json_response({"outputs": []})
-
-    up = await start_upstream(large)
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"client_write_timeout_s": 1})
-    sock = await open_raw(port_of(gw), rcvbuf=4096)
-    try:
-        started = time.monotonic()
-        await send(sock, infer(keys))
-        await wait_for(lambda: gw.running.connections.write_timeouts == 1, timeout=10)
-        assert time.monotonic() - started >= 1.0
-        data, closed = await until_closed(sock, 5)
-        assert closed and len(data) < len(big)  # cut: the rest of the answer was never going to be taken
-        await wait_for(lambda: gw.running.connections.total == 0)
-        assert await served(gw.url, keys) == 200
-    finally:
-        sock.close()
-        await gw.stop()
-        await up.stop()
-
-
-async def test_a_slow_reader_that_keeps_taking_is_not_dropped(tmp_path: Path, keys: Keys) -> None:
-    big = b'{"outputs": [], "pad": "' + b"p" * 6_000_000 + b'"}'
-
-    async def large(request: web.Request) -> web.Response:
-        return web.Response(body=big, content_type="application/json")
-
-    up = await start_upstream(large)
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"client_write_timeout_s": 0.5})
-    sock = await open_raw(port_of(gw), rcvbuf=4096)
-    loop = asyncio.get_running_loop()
-    try:
-        await send(sock, infer(keys))
-        await asyncio.sleep(0.3)  # the thing under test: a client that reads nothing for a while (buffers fill)
-        received = 0
-        started = time.monotonic()
-        while time.monotonic() - started < 2.0:  # a little at a time, each gap shorter than the deadline
-            received += len(await asyncio.wait_for(loop.sock_recv(sock, 256 * 1024), 5))
-            await asyncio.sleep(0.2)  # the thing under test: a slow reader, each gap shorter than the deadline
-        assert gw.running.connections.write_timeouts == 0
-        while received < len(big):  # then at full speed: the whole answer arrives
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
-            assert chunk, "closed mid-answer"
-            received += len(chunk)
-    finally:
-        sock.close()
-        await gw.stop()
-        await up.stop()
-
-
-# -- over TLS ----------------------------------------------------------------------------
-
-async def test_over_tls_half_heads_get_the_deadline_and_stalled_readers_are_dropped(tmp_path: Path,
-                                                                                  keys: Keys) -> None:
-    big = b'{"outputs": [], "pad": "' + b"p" * 12_000_000 + b'"}'
-
-    async def large(request: web.Request) -> web.Response:
-        return web.Response(body=big, content_type="application/json")
-
-    up = await start_upstream(large)
-    cert, key = self_signed(tmp_path, "server", host="localhost")
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"header_timeout_s": 0.5, "client_write_timeout_s": 1,
-                                     "tls": {"cert_file": str(cert), "key_file": str(key)}})
-    client_tls = ssl.create_default_context(cafile=str(cert))
-    writers: list[asyncio.StreamWriter] = []
-    try:
-        half_r, half_w = await asyncio.open_connection("localhost", port_of(gw), ssl=client_tls)
-        writers.append(half_w)
-        started = time.monotonic()
-        half_w.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n")
-        answer = await asyncio.wait_for(half_r.read(), 5)  # to EOF
-        assert 0.4 <= time.monotonic() - started < 1.5
-        assert error_of(answer)[0] == 408
-
-        stalled = await open_raw(port_of(gw), rcvbuf=4096)
-        st_r, st_w = await asyncio.open_connection(sock=stalled, ssl=client_tls, server_hostname="localhost",
-                                                   limit=16_384)  # the stream reader stops taking at 32 KiB
-        writers.append(st_w)
-        st_w.write(infer(keys))
-        await wait_for(lambda: gw.running.connections.write_timeouts == 1, timeout=10)
-        await wait_for(lambda: gw.running.connections.total == 0)
-    finally:
-        for w in writers:
-            w.close()
-        await gw.stop()
-        await up.stop()
-
-
-async def test_a_tls_handshake_that_never_finishes_is_closed_at_the_head_deadline(tmp_path: Path,
-                                                                                   keys: Keys) -> None:
-    """A TCP connection to a TLS port that never sends its ClientHello: asyncio would wait 60 s for it."""
-    up = await start_upstream()
-    cert, key = self_signed(tmp_path, "server", host="localhost")
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             server={"header_timeout_s": 0.5,
-                                     "tls": {"cert_file": str(cert), "key_file": str(key)}})
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))  # plain TCP, no handshake
-        started = time.monotonic()
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
-        assert time.monotonic() - started < 2.5
-        writer.close()
-        # a real TLS client is still served
-        client_tls = ssl.create_default_context(cafile=str(cert))
-        r, w = await asyncio.open_connection("localhost", port_of(gw), ssl=client_tls)
-        w.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 ")
-        w.close()
-    finally:
-        await gw.stop()
-        await up.stop()

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
+from tests.harness import write_config
 
 BASE = """\
 server:
@@ -27,23 +28,16 @@ models:
 """
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "jwks.json").write_text('{"keys": []}')
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    return path
-
-
 def error(tmp_path: Path, text: str) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, text))
+        load_config(write_config(tmp_path, text))
     message = str(info.value)
     assert "\n" not in message
     return message
 
 
 def test_valid_config_resolves_relative_paths(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, BASE))
+    config = load_config(write_config(tmp_path, BASE))
     assert config.auth.jwt is not None
     assert config.auth.jwt.jwks_file == tmp_path / "jwks.json"
     assert config.server.port == 8080
@@ -77,10 +71,10 @@ def test_missing_referenced_file(tmp_path: Path) -> None:
 
 def test_env_substitution_with_default_and_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAAS_TEST_PORT", raising=False)
-    config = load_config(write(tmp_path, BASE.replace("port: 8080", "port: ${MAAS_TEST_PORT:-8181}")))
+    config = load_config(write_config(tmp_path, BASE.replace("port: 8080", "port: ${MAAS_TEST_PORT:-8181}")))
     assert config.server.port == 8181
     monkeypatch.setenv("MAAS_TEST_PORT", "9191")
-    assert load_config(write(tmp_path, BASE.replace("port: 8080", "port: ${MAAS_TEST_PORT}"))).server.port == 9191
+    assert load_config(write_config(tmp_path, BASE.replace("port: 8080", "port: ${MAAS_TEST_PORT}"))).server.port == 9191
 
 
 def test_unset_env_without_default_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,7 +113,7 @@ def test_shape_errors(tmp_path: Path, text: str, needle: str) -> None:
 
 
 def test_cli_prints_one_line_and_exit_2(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE.replace("port: 8080", "port: [1]"))
+    path = write_config(tmp_path, BASE.replace("port: 8080", "port: [1]"))
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "-c", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2
@@ -131,7 +125,7 @@ def test_quoted_whole_reference_is_typed_but_quoted_text_stays_a_string(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAAS_TEST_PORT", raising=False)
     text = BASE.replace("server:\n  host: 127.0.0.1\n  port: 8080", 'server: {host: 127.0.0.1, port: "${MAAS_TEST_PORT:-8282}"}')
-    assert load_config(write(tmp_path, text)).server.port == 8282
+    assert load_config(write_config(tmp_path, text)).server.port == 8282
     message = error(tmp_path, BASE.replace("port: 8080", 'port: "8080"'))
     assert "server.port: expected an integer" in message
 

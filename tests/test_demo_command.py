@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from harness import free_port
+from tests.harness import free_port
 
 REQUEST = json.loads((Path(__file__).parents[1] / "deploy" / "examples" / "digits_request.json").read_text())
 

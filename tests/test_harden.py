@@ -13,22 +13,11 @@ from gateway.errors import BackendError
 from gateway.metrics import Metrics
 from gateway.pipeline import BackendResponse, Decision, Identity, RequestContext, Route, RouteKind
 from gateway.request import BufferedRequest
-from gateway.policy.document import PolicyDocument, load_document
 from gateway.stages.harden import Harden, select
+from tests.quota_support import Policy, outputs_policy as policy
 
 SCORES = [0.05, 0.6, 0.1, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
           0.9, 0.01, 0.02, 0.03, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0]
-
-
-class Policy:
-    def __init__(self, document: PolicyDocument | None) -> None:
-        self.document = document
-
-
-def policy(tmp_path: Path, outputs: str) -> Policy:
-    path = tmp_path / "policy.yaml"
-    path.write_text(f"rules: []\noutputs:\n{outputs}")
-    return Policy(load_document(str(path)))
 
 
 def ctx_for(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model: str = "digits",
@@ -88,8 +77,8 @@ async def test_top_k_without_rounding_keeps_fp32_values(tmp_path: Path) -> None:
 async def test_noise_changes_scores_with_the_configured_scale(tmp_path: Path) -> None:
     stage = Harden(policy(tmp_path, "  - {models: [digits], noise_epsilon: 2.0, top_k: 10}\n"), seed=7)
     observed = []
-    for _ in range(400):
-        out = outputs_of(await stage(ctx_for(), answer()))
+    for i in range(400):  # noise is repeatable per (caller, model, row): 400 callers, 400 independent draws
+        out = outputs_of(await stage(ctx_for(subject=f"caller-{i}"), answer()))
         idx, vals = out["top_k_indices"]["data"][:10], out["top_k_scores"]["data"][:10]
         by_class = dict(zip(idx, vals))
         observed.append(by_class[1] - 0.6)
@@ -174,13 +163,14 @@ async def test_fails_closed_when_answer_cannot_be_hardened(tmp_path: Path, body:
         await stage(ctx_for(), BackendResponse(200, body=body))
 
 
-async def test_other_outputs_pass_through_and_several_score_tensors_are_prefixed(tmp_path: Path) -> None:
+async def test_other_outputs_are_dropped_and_several_score_tensors_are_prefixed(tmp_path: Path) -> None:
+    """Issue 14: the answer carries the hardened tensors only (``keep`` lists exceptions)."""
     stage = Harden(policy(tmp_path, "  - {models: [digits], top_k: 1}\n"))
     doc = {"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [1]},
                        {"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.7, 0.2]},
                        {"name": "b", "datatype": "FP64", "shape": [3], "data": [0.5, 0.2, 0.3]}]}
     out = outputs_of(await stage(ctx_for(), BackendResponse(200, body=orjson.dumps(doc), json=doc)))
-    assert out["label"]["data"] == [1]
+    assert "label" not in out
     assert out["a_top_k_indices"]["data"] == [1] and out["b_top_k_indices"]["data"] == [0]
     assert out["b_top_k_scores"]["shape"] == [1, 1]
 

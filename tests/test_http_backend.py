@@ -10,9 +10,9 @@ import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from harness import start_upstream
-from http_helpers import make_backend, make_ctx
-from upstreams import config_error_line, http_config, infer_failure, running, writes_then_hangs_up
+from tests.harness import start_upstream
+from tests.http_helpers import make_backend, make_ctx
+from tests.upstreams import config_error_line, http_config, infer_failure, running, writes_then_hangs_up
 
 from gateway.errors import BackendError, BackendTimeout, InvalidRequest, Unavailable
 from gateway.metrics import Metrics
@@ -133,14 +133,10 @@ async def test_v2_model_name_rewrites_the_path_segment(upstream) -> None:
 
 
 async def test_openai_forwards_same_path_and_reads_usage(upstream) -> None:
-    backend = make_backend([upstream.url], protocol="openai", name="chat")
-    await backend.start()
     request = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
-    try:
+    async with running([upstream.url], protocol="openai", name="chat") as (backend, _):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat", json=request)
         response = await backend.handle(ctx)
-    finally:
-        await backend.close()
     seen = upstream.seen[-1]
     assert (seen.method, seen.path) == ("POST", "/v1/chat/completions")
     assert orjson.loads(seen.body) == request  # untouched: no rewrite needed
@@ -255,7 +251,7 @@ async def test_client_accept_encoding_never_reaches_upstream() -> None:
 
 
 async def test_closed_port_is_502_without_internal_names() -> None:
-    from harness import free_port
+    from tests.harness import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     async with running([url], retries=0) as (backend, _):

@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 from aiohttp import web
-from harness import eventually, free_port, start_upstream
-from http_helpers import RawServer, make_backend, make_ctx, read_request_head
-from upstreams import running
+from tests.clock import FakeClock
+from tests.harness import eventually, free_port, start_upstream
+from tests.http_helpers import RawServer, make_backend, make_ctx, read_request_head
+from tests.upstreams import running
 
 from gateway.errors import BackendError, BackendTimeout
 from gateway.metrics import Metrics
@@ -39,8 +40,9 @@ async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
     dead_port = free_port()
     dead_url = f"http://127.0.0.1:{dead_port}"
     metrics = Metrics()
+    clock = FakeClock()
     async with running([live.url, dead_url], live, retries=0, eject_after_failures=2, eject_for_s=0.4,
-                       metrics=metrics) as (backend, started):
+                       metrics=metrics, clock=clock) as (backend, started):
         outcomes = Counter()
         for _ in range(8):
             try:
@@ -62,7 +64,10 @@ async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
         for _ in range(4):  # still ejected: the revived server gets nothing yet
             await backend.handle(infer_ctx())
         assert revived.seen == []
-        await asyncio.sleep(0.45)  # the thing under test: eject_for_s (0.4 s) runs out
+        clock.advance(0.39)
+        await backend.handle(infer_ctx())
+        assert revived.seen == []  # not yet: 10 ms of the ejection left
+        clock.advance(0.02)  # the thing under test: eject_for_s (0.4 s) runs out
         for _ in range(4):
             await backend.handle(infer_ctx())
         assert len(revived.seen) >= 2  # the trial request, then its share of the rotation
@@ -73,12 +78,14 @@ async def test_dead_upstream_is_ejected_then_trialled_back_in() -> None:
 async def test_failed_trial_ejects_again() -> None:
     live = await start_upstream()
     dead_url = f"http://127.0.0.1:{free_port()}"
-    async with running([dead_url, live.url], live, retries=0, eject_after_failures=1, eject_for_s=0.2) as (backend, _):
+    clock = FakeClock()
+    async with running([dead_url, live.url], live, retries=0, eject_after_failures=1, eject_for_s=0.2,
+                       clock=clock) as (backend, _):
         with pytest.raises(BackendError):
             await backend.handle(infer_ctx())
         dead = backend.upstreams[0]
         assert not dead.in_rotation
-        await asyncio.sleep(0.25)  # the thing under test: eject_for_s (0.2 s) runs out
+        clock.advance(0.25)  # the thing under test: eject_for_s (0.2 s) runs out
         with pytest.raises(BackendError):  # the trial request goes to the dead one and fails
             await backend.handle(infer_ctx())
         for _ in range(3):  # ejected again at once: no second trial
@@ -197,19 +204,28 @@ async def test_active_probe_brings_an_upstream_back_without_traffic() -> None:
             return web.Response(status=200 if healthy else 503)
         return web.Response(status=503)
 
+    def probed() -> int:
+        return sum(s.path == "/health" for s in up.seen)
+
     up = await start_upstream(handler)
+    clock = FakeClock()
     async with running([up.url], up, eject_after_failures=1, eject_for_s=0.1, health_path="/health",
-                       headers={"Authorization": "Bearer upstream-secret"}, max_ejection_percent=100) as (backend, _):
+                       headers={"Authorization": "Bearer upstream-secret"}, max_ejection_percent=100,
+                       clock=clock) as (backend, _):
         await backend.handle(infer_ctx())  # 503: ejected
         assert not backend.upstreams[0].in_rotation
         assert not backend.ready()
         # every upstream out: panic routing still lets a request through (the upstream's own 503), never ours
         assert (await backend.handle(infer_ctx())).status == 503
         assert not backend.upstreams[0].in_rotation
-        await wait_until(lambda: any(s.path == "/health" for s in up.seen))
-        await asyncio.sleep(0.25)  # a window for a readmission that must not come (probes answer 503)
-        assert not backend.upstreams[0].in_rotation  # probes answered 503
+        await wait_until(lambda: clock.sleepers == 1)  # the prober waits out eject_for_s before its first probe
+        assert probed() == 0
+        for probes in (1, 2):  # each eject_for_s (0.1 s) one probe, answered 503: waiting again, still out
+            clock.advance(0.1)
+            await wait_until(lambda: probed() == probes and clock.sleepers == 1)
+            assert not backend.upstreams[0].in_rotation
         healthy = True
+        clock.advance(0.1)
         await wait_until(lambda: backend.upstreams[0].in_rotation)
         assert backend.ready()
     probes = [s for s in up.seen if s.path == "/health"]

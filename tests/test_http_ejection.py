@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import web
-from harness import free_port, start_upstream
-from http_helpers import make_backend, make_ctx
-from upstreams import config_error_line, http_config, running
+from tests.harness import free_port, start_upstream
+from tests.http_helpers import make_backend, make_ctx
+from tests.upstreams import config_error_line, http_config, running
 
 from gateway.errors import BackendError
 from gateway.pipeline import RouteKind

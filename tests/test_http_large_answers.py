@@ -16,9 +16,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from harness import ALLOW_ANALYSTS, eventually, openai_model, start_gateway, start_upstream, v2_model
-from http_helpers import RawServer, make_ctx, read_request_head
-from upstreams import running, trickle
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, eventually, openai_model, start_gateway, start_upstream, v2_model
+from tests.http_helpers import RawServer, make_ctx, read_request_head
+from tests.upstreams import running, trickle
 
 from gateway.errors import BackendTimeout
 from gateway.pipeline import RouteKind
@@ -99,10 +100,9 @@ async def test_two_large_answers_at_once_leave_room_for_a_third_caller(gateway, 
 
 
 async def test_an_answer_over_max_response_bytes_is_502(tmp_path, keys) -> None:
-    up = await start_upstream(big_answers)
-    gw = await start_gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={
-        "blob": raw_model(up.url, max_response_bytes=100_000)})
-    try:
+    async with (harness.upstream(big_answers) as up,
+                harness.gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={
+           "blob": raw_model(up.url, max_response_bytes=100_000)}) as gw):
         async with aiohttp.ClientSession(headers=keys.auth()) as s:
             async with s.post(gw.url + "/blob", data=b"{}") as r:
                 assert r.status == 502
@@ -110,9 +110,6 @@ async def test_an_answer_over_max_response_bytes_is_502(tmp_path, keys) -> None:
                 assert error["type"] == "backend_error" and "too large" in error["message"]
             async with s.post(gw.url + "/small", data=b"{}") as r:  # small answers still pass
                 assert r.status == 200
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 @pytest.mark.parametrize("declared", [True, False])
@@ -135,9 +132,8 @@ async def test_64_mib_plus_one_under_the_default_cap_is_502(tmp_path, keys, decl
             pass  # the gateway hung up, as it should
         return response
 
-    up = await start_upstream(huge)
-    gw = await start_gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={"blob": raw_model(up.url)})
-    try:
+    async with (harness.upstream(huge) as up,
+                harness.gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={"blob": raw_model(up.url)}) as gw):
         async with aiohttp.ClientSession(headers=keys.auth()) as s:
             async with s.post(gw.url + "/blob", data=b"{}") as r:
                 assert r.status == 502
@@ -145,9 +141,6 @@ async def test_64_mib_plus_one_under_the_default_cap_is_502(tmp_path, keys, decl
                 assert error["type"] == "backend_error" and error["message"] == "upstream answer too large"
         backend = gw.gateway.backends["blob"]
         assert backend._client._open == 0  # the connection with the rest of the body was dropped, not pooled
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 async def test_a_body_that_trickles_past_the_timeout_is_504() -> None:
@@ -172,10 +165,9 @@ async def test_a_stream_longer_than_max_stream_s_ends_cleanly(tmp_path, keys) ->
             pass
         return response
 
-    up = await start_upstream(endless)
-    gw = await start_gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={
-        "emb": openai_model(up.url, max_stream_s=0.6)})
-    try:
+    async with (harness.upstream(endless) as up,
+                harness.gateway(tmp_path, keys, policy=ALLOW_ANALYSTS, models={
+           "emb": openai_model(up.url, max_stream_s=0.6)}) as gw):
         async with aiohttp.ClientSession(headers=keys.auth()) as s:
             started = time.monotonic()
             async with s.post(gw.url + "/v1/chat/completions",
@@ -187,6 +179,3 @@ async def test_a_stream_longer_than_max_stream_s_ends_cleanly(tmp_path, keys) ->
         assert 0.5 < elapsed < 5
         assert body.startswith(b'data: {"n": 0}\n\n') and body.count(b"data:") >= 3
         await eventually(lambda: gw.gateway.backends["emb"]._client._open == 0)  # the upstream connection was discarded
-    finally:
-        await gw.stop()
-        await up.stop()

@@ -9,9 +9,10 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from harness import start_upstream
-from http_helpers import RawServer, make_backend, make_ctx, read_all, read_request_head
-from upstreams import running
+from tests import harness
+from tests.harness import start_upstream
+from tests.http_helpers import RawServer, make_backend, make_ctx, read_all, read_request_head
+from tests.upstreams import running
 
 from backends.http.relay import STREAM_BROKEN
 from gateway.errors import BackendError
@@ -51,11 +52,9 @@ def sse_upstream(parts: list[bytes], *, gap_s: float = 0.0, sent_at: list[float]
 async def test_sse_chunks_arrive_as_they_are_sent() -> None:
     sent_at: list[float] = []
     parts = [sse(chunk(f"t{i}")) for i in range(5)] + [b"data: [DONE]\n\n"]
-    up = await start_upstream(sse_upstream(parts, gap_s=0.1, sent_at=sent_at))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
     received: list[tuple[float, bytes]] = []
-    try:
+    async with (harness.upstream(sse_upstream(parts, gap_s=0.1, sent_at=sent_at)) as up,
+                running([up.url], protocol="openai", name="chat") as (backend, _)):
         ctx = make_ctx(RouteKind.OPENAI, CHAT, model="chat", json={"model": "chat", "stream": True, "messages": []})
         response = await backend.handle(ctx)
         assert response.body is None and response.stream is not None
@@ -63,9 +62,6 @@ async def test_sse_chunks_arrive_as_they_are_sent() -> None:
         async for piece in response.stream:
             received.append((time.monotonic(), piece))
         response.release()
-    finally:
-        await backend.close()
-        await up.stop()
     assert b"".join(p for _, p in received) == b"".join(parts)
     assert len(sent_at) == len(parts)
     first_arrival = received[0][0]
@@ -267,12 +263,12 @@ async def fake_openai(request: web.Request) -> web.StreamResponse:
 
 async def test_official_openai_client_through_the_gateway(tmp_path, keys) -> None:
     openai = pytest.importorskip("openai")
-    from harness import ALLOW_ANALYSTS, openai_model, start_gateway
+    from tests.harness import ALLOW_ANALYSTS, openai_model
 
-    up = await start_upstream(fake_openai)
-    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS)
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0, timeout=10)
-    try:
+    async with (harness.upstream(fake_openai) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
+                openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0,
+                                   timeout=10) as client):
         answer = await client.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == "Hello from upstream"
@@ -286,10 +282,6 @@ async def test_official_openai_client_through_the_gateway(tmp_path, keys) -> Non
                 pieces.append(part.choices[0].delta.content)
         assert "".join(pieces) == "Hello from upstream"
         assert len(pieces) == 4  # chunk by chunk, not one buffered blob
-    finally:
-        await client.close()
-        await gw.stop()
-        await up.stop()
     assert len(up.seen) == 2
     for seen in up.seen:
         assert "Authorization" not in seen.headers  # the client's JWT stays at the gateway

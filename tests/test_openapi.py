@@ -15,7 +15,8 @@ from openapi_spec_validator import validate as validate_openapi
 from gateway import openapi
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from harness import ALLOW_ANALYSTS, Keys, start_gateway, start_upstream, write_yaml
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, write_yaml
 
 DIGITS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -218,19 +219,35 @@ def test_register_adds_the_command() -> None:
 
 
 async def test_served_on_the_admin_port(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": {"backend": {"type": "http", "protocol": "v2",
-                                                                           "upstreams": [up.url]}}},
-                             policy=ALLOW_ANALYSTS)
-    try:
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": {"backend": {"type": "http", "protocol": "v2",
+                                                                              "upstreams": [up.url]}}},
+                                policy=ALLOW_ANALYSTS) as gw):
         async with aiohttp.ClientSession() as session:
             r = await session.get(gw.admin_url + "/openapi.json")
             assert r.status == 200 and r.content_type == "application/json"
             document = await r.json()
             r = await session.get(gw.url + "/openapi.json", headers=keys.auth())
             assert r.status == 404  # the public port does not serve it
-    finally:
-        await gw.stop()
-        await up.stop()
     validate_openapi(document)
     assert "/v2/models/digits/infer" in document["paths"]
+
+
+def test_v2_surface_binary_versions_generate_and_server(document: dict[str, Any]) -> None:
+    paths = document["paths"]
+    infer = paths["/v2/models/digits/infer"]["post"]
+    assert "application/octet-stream" in infer["requestBody"]["content"]
+    assert "application/octet-stream" in infer["responses"]["200"]["content"]
+    assert [p["name"] for p in infer["parameters"]] == ["Inference-Header-Content-Length"]
+    versioned = paths["/v2/models/digits/versions/{version}/infer"]["post"]
+    assert [p["name"] for p in versioned["parameters"]] == ["version", "Inference-Header-Content-Length"]
+    for tail in ("", "/ready", "/generate", "/generate_stream"):
+        assert "/v2/models/digits" + tail in paths and "/v2/models/digits/versions/{version}" + tail in paths
+    stream = paths["/v2/models/digits/generate_stream"]["post"]["responses"]["200"]["content"]
+    assert "text/event-stream" in stream
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+        assert set(paths[path]) == {"get"}
+    error = document["components"]["schemas"]["Error"]
+    jsonschema.validate({"error": "unknown model", "type": "not_found", "request_id": "r-1"}, error)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": "x", "type": "not_found"}, error)

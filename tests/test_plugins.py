@@ -15,7 +15,7 @@ from gateway.backend import Backend, BackendEnv, backend_class, registered
 from gateway.config import ServerConfig, load_config
 from gateway.errors import ConfigError
 from gateway.plugins import backends_for, plug
-from test_config import write  # a config file beside an empty JWKS: one helper for both files
+from tests.harness import write_config  # a config file beside an empty JWKS (the config tests use it too)
 
 ASSETS = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets"
 BASE = """\
@@ -30,7 +30,7 @@ models:
 
 def test_unknown_backend_type(tmp_path: Path) -> None:
     """Moved from test_config: the lookup now happens in the plugin step, with the same file:line error."""
-    config = load_config(write(tmp_path, BASE.replace("type: http", "type: grpc")))  # pure data: loads
+    config = load_config(write_config(tmp_path, BASE.replace("type: http", "type: grpc")))  # pure data: loads
     with pytest.raises(ConfigError) as info:
         plug(config)
     message = str(info.value)
@@ -39,7 +39,7 @@ def test_unknown_backend_type(tmp_path: Path) -> None:
 
 
 def test_a_backend_section_mistake_names_file_and_line(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, BASE.replace("upstreams:", "upstreamz:")))
+    config = load_config(write_config(tmp_path, BASE.replace("upstreams:", "upstreamz:")))
     with pytest.raises(ConfigError, match=r"gateway\.yaml:6: models\.chat\.backend\.upstreamz: unknown key"):
         plug(config)
 
@@ -66,7 +66,7 @@ def test_each_model_is_resolved_once_and_typed(tmp_path: Path, monkeypatch: pyte
         return real(kind)
 
     monkeypatch.setattr("gateway.plugins.backend_class", counting)
-    config = load_config(write(tmp_path, BASE))
+    config = load_config(write_config(tmp_path, BASE))
     plugged = plug(config)
     assert calls == ["http"]
     chat = plugged["chat"]
@@ -80,7 +80,7 @@ def test_the_gateway_uses_the_plugged_models_it_is_given(tmp_path: Path, monkeyp
     from gateway.app import Gateway
 
     (tmp_path / "keys.yaml").write_text("[]\n")
-    config = load_config(write(tmp_path, BASE.replace("jwt:\n    jwks_file: jwks.json", "api_keys: {file: keys.yaml}")))
+    config = load_config(write_config(tmp_path, BASE.replace("jwt:\n    jwks_file: jwks.json", "api_keys: {file: keys.yaml}")))
     plugged = plug(config)
     monkeypatch.setattr("gateway.app.plug", lambda _: pytest.fail("resolved a second time"))
     gateway = Gateway(config, plugged)
@@ -124,7 +124,7 @@ def test_the_old_import_path_still_serves_third_party_backends() -> None:
 
 
 def test_check_reports_a_backend_mistake_with_file_and_line(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE.replace("type: http", "type: grpc"))
+    path = write_config(tmp_path, BASE.replace("type: http", "type: grpc"))
     proc = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1
@@ -132,7 +132,7 @@ def test_check_reports_a_backend_mistake_with_file_and_line(tmp_path: Path) -> N
 
 
 def test_serve_refuses_a_backend_mistake_before_listening(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE.replace("type: http", "type: grpc"))
+    path = write_config(tmp_path, BASE.replace("type: http", "type: grpc"))
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "-c", str(path), "--workers", "2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -157,7 +157,7 @@ def test_openapi_asks_the_backends_what_they_serve(tmp_path: Path) -> None:
   legacy:
     backend: {{type: http, protocol: raw, upstreams: ["http://127.0.0.1:9"], paths: [/predict]}}
 """
-    config = load_config(write(tmp_path, text))
+    config = load_config(write_config(tmp_path, text))
     made = backends_for(config)
     assert {n: b.protocol() for n, b in made.items()} == {"chat": "openai", "d": "v2", "legacy": "raw"}
     paths = build_document(config, made)["paths"]

@@ -14,7 +14,7 @@ from gateway.config import PolicyConfig
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.policy.store import PolicyStore
-from harness import eventually
+from tests.harness import eventually
 
 OPEN = {"rules": [{"id": "analysts-all", "roles": ["analyst"], "effect": "allow"}]}
 STRICT = {"rules": [{"id": "analysts-all", "roles": ["analyst"], "effect": "allow"},

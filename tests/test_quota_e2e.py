@@ -23,10 +23,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.quota.store import bucket_id
-from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, openai_model, start_gateway, start_upstream, \
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, error_fields, eventually, free_port, gateway_config, openai_model, start_gateway, start_upstream, \
     v2_model, wait_ready, write_yaml
-from quota_support import RedisServer, delete_prefix, unique_prefix
-from upstreams import fake_openai
+from tests.quota_support import delete_prefix, unique_prefix
+from tests.upstreams import fake_openai
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
 
@@ -45,11 +46,10 @@ async def infer(s: aiohttp.ClientSession, gw, keys: Keys, sub: str = "alice", mo
 
 
 async def test_429_contract_over_http(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url), "other": v2_model(up.url)},
-                             policy=policy({"roles": ["analyst"], "models": ["*"], "rate_per_s": 0.01, "burst": 2}),
-                             quota={"store": "memory"})
-    try:
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url), "other": v2_model(up.url)},
+                                policy=policy({"roles": ["analyst"], "models": ["*"], "rate_per_s": 0.01, "burst": 2}),
+                                quota={"store": "memory"}) as gw):
         async with aiohttp.ClientSession() as s:
             first = await infer(s, gw, keys)
             assert first[0] == 200
@@ -60,14 +60,11 @@ async def test_429_contract_over_http(tmp_path: Path, keys: Keys) -> None:
             assert status == 429
             assert int(headers["Retry-After"]) >= 1
             assert headers["RateLimit-Remaining"] == "0" and headers["RateLimit-Limit"] == "2"
-            error = json.loads(body)["error"]
+            error = error_fields(body)
             assert error["type"] == "rate_limited" and error["request_id"] == headers["X-Request-ID"]
             assert (await infer(s, gw, keys, sub="bob"))[0] == 200  # subjects are isolated
             assert (await infer(s, gw, keys, model="other"))[0] == 200  # so are models
         assert len(up.seen) == 4  # the refused request never reached the model
-    finally:
-        await gw.stop()
-        await up.stop()
     lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
     assert [x["quota"] for x in lines] == ["ok", "ok", "limited", "ok", "ok"]
 
@@ -149,12 +146,12 @@ async def test_1000_aborted_requests_leak_no_slot(tmp_path: Path, keys: Keys, re
 
     async def slow(request: web.Request) -> web.StreamResponse:
         await request.read()
-        await asyncio.sleep(0.8)  # the thing under test: past the gateway's upstream timeout -> 504
+        await asyncio.sleep(0.8)  # a real upstream past the gateway's real upstream timeout -> 504
         return web.json_response({"outputs": []})
 
     async def broken(request: web.Request) -> web.StreamResponse:
         await request.read()
-        await asyncio.sleep(0.05)  # the thing under test: a request in flight for a moment, then a crash
+        await asyncio.sleep(0.05)  # a request in flight in a real gateway for a moment, then a crash
         raise RuntimeError("the model crashed")  # the upstream answers 500
 
     prefix = unique_prefix()
@@ -219,13 +216,12 @@ _openai_upstream = fake_openai(content="abcd", chunks=10, answer_usage=(100, 23)
 
 
 async def test_streamed_answers_are_charged_and_budget_enforced(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream(_openai_upstream)
-    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
-                             policy=policy({"roles": ["analyst"], "models": ["chat"], "tokens_per_minute": 600}),
-                             quota={"store": "memory", "default_tokens_per_request": 50})
-    url = gw.url + "/v1/chat/completions"
-    msg = [{"role": "user", "content": "x" * 40}]  # prompt estimate: 10 tokens
-    try:
+    async with (harness.upstream(_openai_upstream) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
+                                policy=policy({"roles": ["analyst"], "models": ["chat"], "tokens_per_minute": 600}),
+                                quota={"store": "memory", "default_tokens_per_request": 50}) as gw):
+        url = gw.url + "/v1/chat/completions"
+        msg = [{"role": "user", "content": "x" * 40}]  # prompt estimate: 10 tokens
         async with aiohttp.ClientSession() as s:
             async with s.post(url, json={"model": "chat", "messages": msg, "stream": True},
                               headers=keys.auth()) as r:
@@ -250,18 +246,14 @@ async def test_streamed_answers_are_charged_and_budget_enforced(tmp_path: Path, 
                 assert (await r.json())["error"]["type"] == "rate_limited"
                 assert int(r.headers["Retry-After"]) >= 1
             assert len(up.seen) == seen
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 async def test_abandoned_stream_is_charged_its_whole_reservation(tmp_path: Path, keys: Keys) -> None:
     """A client that walks away before the usage chunk cannot make the answer cheaper than reserved."""
-    up = await start_upstream(_openai_upstream)
-    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
-                             policy=policy({"roles": ["analyst"], "models": ["chat"], "tokens_per_minute": 10_000}),
-                             quota={"store": "memory", "default_tokens_per_request": 500})
-    try:
+    async with (harness.upstream(_openai_upstream) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
+                                policy=policy({"roles": ["analyst"], "models": ["chat"], "tokens_per_minute": 10_000}),
+                                quota={"store": "memory", "default_tokens_per_request": 500}) as gw):
         async with aiohttp.ClientSession() as s:
             body = {"model": "chat", "messages": [{"role": "user", "content": "x" * 40}], "stream": True,
                     "user": "slow"}
@@ -273,9 +265,6 @@ async def test_abandoned_stream_is_charged_its_whole_reservation(tmp_path: Path,
         charged = await eventually(lambda: metric(gw, "maas_quota_llm_tokens_total", model="chat"), timeout=4,
                                    interval=0.1)
         assert charged == 510  # the prompt (10) and the default 500: its usage never arrived
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 # --------------------------------------------------------------------------- Redis faults over HTTP
@@ -295,15 +284,14 @@ async def settled(traffic) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,during", [("deny", 503), ("allow", 200)])
 async def test_frozen_and_killed_redis_over_http(tmp_path: Path, keys: Keys, mode: str, during: int) -> None:
-    server = RedisServer(tmp_path / "redis").start()
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
-                             # rate 5/s: too slow for a leased local allowance, so every request asks Redis
-                             policy=policy({"roles": ["analyst"], "models": ["*"], "rate_per_s": 5,
-                                            "burst": 1000}),
-                             # 250 ms: headroom for a loaded CI machine; the bound asserted below follows it
-                             quota={"store": server.url, "on_store_error": mode, "timeout_ms": TIMEOUT_MS})
-    try:
+    async with (harness.redis_server(tmp_path / "redis") as server,
+                harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
+                                # rate 5/s: too slow for a leased local allowance, so every request asks Redis
+                                policy=policy({"roles": ["analyst"], "models": ["*"], "rate_per_s": 5,
+                                               "burst": 1000}),
+                                # 250 ms: headroom for a loaded CI machine; the bound asserted below follows it
+                                quota={"store": server.url, "on_store_error": mode, "timeout_ms": TIMEOUT_MS}) as gw):
         auth = keys.auth("alice")
         async with aiohttp.ClientSession() as s:
 
@@ -337,8 +325,7 @@ async def test_frozen_and_killed_redis_over_http(tmp_path: Path, keys: Keys, mod
             killed = await traffic(32)
             assert {st for st, _ in killed} == {during}
             assert max(t for _, t in killed) < TIMEOUT_MS / 1000 + 1.0
-            restarted = RedisServer(tmp_path / "redis2", port=server.port).start()
-            try:
+            async with harness.redis_server(tmp_path / "redis2", port=server.port):  # the same port, restarted
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < 2.0:  # quotas enforced again within 2 s
                     if {st for st, _ in await traffic(4)} == {200} and all(checked):
@@ -346,9 +333,3 @@ async def test_frozen_and_killed_redis_over_http(tmp_path: Path, keys: Keys, mod
                     await asyncio.sleep(0.05)  # the poll interval of this timed wait on a condition, not a clock
                 assert time.monotonic() - t0 < 2.0
                 assert {st for st, _ in await traffic(4)} == {200} and all(checked)
-            finally:
-                restarted.stop()
-    finally:
-        server.stop()
-        await gw.stop()
-        await up.stop()

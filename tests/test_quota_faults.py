@@ -20,8 +20,9 @@ from gateway.policy.document import QuotaRule
 from gateway.quota.store import bucket_id
 from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
-from harness import eventually, redis_server
-from quota_support import Policy, RedisServer, context, document, finish
+from tests import harness
+from tests.harness import eventually, redis_server
+from tests.quota_support import Policy, context, document, finish
 
 TIMEOUT_MS = 100
 MARGIN_S = 0.4  # scheduling slack on a busy 2-core CI machine
@@ -94,25 +95,19 @@ async def test_frozen_redis_never_hangs_a_request(server, mode, expect):
 
 @pytest.mark.parametrize("mode,expect", [("deny", "503"), ("allow", "store_error")])
 async def test_killed_then_restarted_redis(server, tmp_path, mode, expect):
-    stage = await make(server.url, mode, QuotaRule(roles=["analyst"], rate_per_s=0.001, burst=2))
-    try:
+    async with harness.closing(await make(server.url, mode, QuotaRule(roles=["analyst"], rate_per_s=0.001, burst=2))) as stage:
         assert (await timed(stage))[0] == "ok"
         server.kill()
         results = await asyncio.gather(*(timed(stage) for _ in range(20)))
         for outcome, elapsed in results:
             assert outcome == expect
             assert elapsed < TIMEOUT_MS / 1000 + MARGIN_S
-        restarted = RedisServer(tmp_path / "redis2", port=server.port).start()
-        try:
+        async with redis_server(tmp_path / "redis2", port=server.port):  # the same port, restarted
             # enforced again within 2 s: a fresh Redis has a fresh bucket (burst 2), then 429
             took = await wait_for_outcome(stage, "ok", within_s=2.0)
             assert took < 2.0
             outcomes = [(await timed(stage))[0] for _ in range(3)]
             assert outcomes[-1] == "429"
-        finally:
-            restarted.stop()
-    finally:
-        await stage.close()
 
 
 async def test_slot_of_a_request_that_vanished_mid_call_is_repaired(server):

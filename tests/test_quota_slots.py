@@ -23,9 +23,11 @@ from gateway.quota import store as store_module
 from gateway.quota.live_slots import LiveSlots
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import Limits, StoreError, bucket_id
-from harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, start_gateway, start_upstream
-from quota_support import delete_prefix, unique_prefix
-from upstreams import fake_openai
+from tests import harness
+from tests.clock import FakeClock
+from tests.harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, start_gateway, start_upstream
+from tests.quota_support import delete_prefix, unique_prefix
+from tests.upstreams import fake_openai
 
 TTL_S = 1.0
 STREAM_S = 3.6  # several TTLs
@@ -66,7 +68,7 @@ async def test_a_stream_longer_than_the_slot_ttl_keeps_its_slot(tmp_path: Path, 
                 await stream.content.readuntil(b"\n\n")
                 refused = []
                 for at in (1.5 * TTL_S, 2.5 * TTL_S, 3.2 * TTL_S):  # each past the TTL of the slot's last write
-                    await asyncio.sleep(max(0.0, started + at - time.monotonic()))  # the thing under test: past the TTL
+                    await asyncio.sleep(max(0.0, started + at - time.monotonic()))  # Redis expires slots on its own clock: real time past the TTL
                     refused.append(await second())
                     if kind == "redis":
                         assert await admin.zcard(slots_key) == 1
@@ -102,7 +104,7 @@ async def test_a_crashed_replicas_slot_still_expires(redis_url: str) -> None:
         await crashed.close()  # gone without releasing: its refresher stops with it
         assert (await live.acquire(bucket, limits, "live.1", 0)).allowed
         assert not (await live.acquire(bucket, limits, "live.2", 0)).allowed  # both slots held
-        await asyncio.sleep(2.5 * TTL_S)  # the thing under test: the dead replica's slot outlives its TTL
+        await asyncio.sleep(2.5 * TTL_S)  # Redis expires the dead replica's slot on its own clock (TTL)
         assert (await live.acquire(bucket, limits, "live.2", 0)).allowed  # the dead replica's slot expired
         assert not (await live.acquire(bucket, limits, "live.3", 0)).allowed  # live.1 was kept all along
         await live.release(bucket, limits, "live.1", 0)
@@ -132,7 +134,7 @@ async def test_released_slots_are_never_brought_back_by_a_refresh(redis_url: str
         await store.release(bucket, limits, "a", 0)
         await store.refresh_slots({key: ["a", "b"]})  # a stale snapshot still naming "a"
         assert [m.decode() for m in await admin.zrange(key, 0, -1)] == ["b"]
-        await asyncio.sleep(2 * TTL_S)  # the thing under test: refreshes over two TTLs never bring "a" back
+        await asyncio.sleep(2 * TTL_S)  # Redis TTLs run on Redis's clock: two real TTLs of refreshes never bring "a" back
         assert [m.decode() for m in await admin.zrange(key, 0, -1)] == ["b"]
         assert 0 < await admin.pttl(key) <= TTL_S * 1000
         await store.release(bucket, limits, "b", 0)
@@ -154,16 +156,26 @@ async def test_one_refresh_call_carries_every_live_slot() -> None:
             fail[0] = False
             raise StoreError("down")
 
-    live = LiveSlots(0.6, refresh, retry_s=0.02)
+    clock = FakeClock()
+    live = LiveSlots(0.6, refresh, retry_s=0.02, sleep=clock.sleep)
     for i in range(300):
         live.add(f"k{i % 100}", f"s{i}")
     live.discard("k0", "s0")
     live.discard("k0", "nope")
     live.start()
-    try:
-        await asyncio.sleep(0.3)  # the thing under test: what the refresher did in 0.3 s (one retry, no more)
-    finally:
-        await live.close()
-    assert len(calls) == 2  # the first (at 0.2 s) failed and was retried at once; the next is due at 0.42 s
+    async with harness.closing(live):
+        await eventually(lambda: clock.sleepers == 1)  # waiting for the first interval (TTL/3 = 0.2 s)
+        clock.advance(0.19)
+        await clock.settle()
+        assert calls == []
+        clock.advance(0.02)  # the thing under test: the first refresh, at 0.2 s (it fails)
+        await eventually(lambda: len(calls) == 1 and clock.sleepers == 1)
+        clock.advance(0.02)  # retried soon (retry_s), not a whole interval later
+        await eventually(lambda: len(calls) == 2 and clock.sleepers == 1)
+        clock.advance(0.19)  # the next one is due a whole interval after the retry
+        await clock.settle()
+        assert len(calls) == 2
+        clock.advance(0.02)
+        await eventually(lambda: len(calls) == 3)
     assert len(calls[1]) == 100 and sum(len(v) for v in calls[1].values()) == 299
     assert len(live) == 299

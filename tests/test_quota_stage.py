@@ -18,8 +18,8 @@ from gateway.policy.document import QuotaRule
 from gateway.quota.store import bucket_id
 from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
-from harness import eventually, redis_server
-from quota_support import Policy, context, delete_prefix, document, finish, free_port, unique_prefix
+from tests.harness import eventually, redis_server
+from tests.quota_support import Policy, context, delete_prefix, document, finish, free_port, unique_prefix
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -117,7 +117,7 @@ async def test_policy_reload_swaps_quotas(make_stage):
     with pytest.raises(RateLimited):
         await stage(context())
     stage.policy.document = document(QuotaRule(id="q", roles=["analyst"], rate_per_s=1000.0, burst=5))
-    await asyncio.sleep(0.01)  # the thing under test: 10 ms at the new rate refills the bucket
+    await asyncio.sleep(0.01)  # real time (Redis TIME for the redis store): 10 ms at the new rate refills the bucket
     ctx = context()
     await stage(ctx)  # same entry id, same bucket: refilled at the new rate, up to the new burst
     assert ctx.response_headers["RateLimit-Limit"] == "5"

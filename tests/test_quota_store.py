@@ -16,13 +16,20 @@ from gateway.config import QuotaConfig
 from gateway.quota.memory_store import MemoryStore
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import Limits, bucket_id, key_part
-from quota_support import delete_prefix, unique_prefix
+from tests.clock import FakeClock
+from tests.quota_support import delete_prefix, unique_prefix
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The memory store's clock (Redis keeps its own time, which only real time moves)."""
+    return FakeClock()
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request, redis_url):
+async def store(request, redis_url, clock):
     if request.param == "memory":
-        s = MemoryStore()
+        s = MemoryStore(clock=clock)
         await s.start()
         yield s
         await s.close()
@@ -50,12 +57,17 @@ async def test_burst_then_refused_with_retry_after(store):
     assert refused.reset_s == 2
 
 
-async def test_refills_after_waiting(store):
+async def test_refills_after_waiting(store, clock):
     limits = Limits(rate_per_s=20.0, burst=2)
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert not (await store.acquire("e:a:m", limits, "", 0)).allowed
-    await asyncio.sleep(0.12)  # the thing under test: refill at 20/s, one token every 50 ms
+    if isinstance(store, MemoryStore):
+        clock.advance(0.04)
+        assert not (await store.acquire("e:a:m", limits, "", 0)).allowed  # 0.8 of a token: not yet
+        clock.advance(0.08)  # the thing under test: refill at 20/s, one token every 50 ms
+    else:
+        await asyncio.sleep(0.12)  # Redis refills by its own TIME, which only real time moves (20/s: 2 tokens)
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert (await store.acquire("e:a:m", limits, "", 0)).allowed
     assert not (await store.acquire("e:a:m", limits, "", 0)).allowed
@@ -217,7 +229,8 @@ async def test_a_lease_is_taken_from_redis_spent_locally_and_expires(redis_url):
     from gateway.quota import redis_store
 
     prefix = unique_prefix()
-    s = RedisStore(QuotaConfig(store=redis_url, key_prefix=prefix))
+    clock = FakeClock()  # the lease window's clock (the bucket in Redis refills on Redis's own)
+    s = RedisStore(QuotaConfig(store=redis_url, key_prefix=prefix), clock=clock)
     await s.start()
     try:
         limits = Limits(rate_per_s=0.5 * 100 / redis_store.LEASE_WINDOW_S, burst=1000)  # lease of 50
@@ -234,7 +247,9 @@ async def test_a_lease_is_taken_from_redis_spent_locally_and_expires(redis_url):
         stored2 = float((await client.get(s.keys("e:lease:m")[0])).split()[0])
         refilled = limits.rate_per_s * (time.monotonic() - read_at)  # the bucket refills meanwhile (slow machines)
         assert stored2 <= stored - 50 + refilled + 1e-6
-        await asyncio.sleep(redis_store.LEASE_WINDOW_S + 0.02)  # the thing under test: an old lease's unspent tokens drop
+        assert (await s.acquire("e:lease:m", limits, "", 0)).allowed  # from the new lease: Redis untouched
+        assert float((await client.get(s.keys("e:lease:m")[0])).split()[0]) == stored2
+        clock.advance(redis_store.LEASE_WINDOW_S)  # the thing under test: an old lease's unspent tokens drop
         assert (await s.acquire("e:lease:m", limits, "", 0)).allowed
         assert float((await client.get(s.keys("e:lease:m")[0])).split()[0]) != stored2
         await client.aclose()

@@ -19,8 +19,9 @@ from gateway.quota.redis_connect import parse_sentinel_url
 from gateway.quota.redis_store import RedisStore
 from gateway.quota.store import Limits, bucket_id
 from gateway.quota.stores import open_store
-from certs import self_signed
-from quota_support import free_port
+from tests import harness
+from tests.certs import self_signed
+from tests.quota_support import free_port
 
 LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent=2, tokens_per_minute=100)
 
@@ -28,7 +29,7 @@ LIMITS = Limits(rate_per_s=0.001, burst=3, max_concurrent=2, tokens_per_minute=1
 async def exercise(store: RedisStore) -> None:
     """Exact counts across several buckets: 5 subjects x min(burst 3, 2 slots) admitted."""
     await store.start()
-    try:
+    async with harness.closing(store):
         results = await asyncio.gather(*(store.acquire(bucket_id("e", f"user{i % 5}", "m"), LIMITS, f"s{i}", 10)
                                           for i in range(40)))
         assert sum(v.allowed for v in results) == 10
@@ -39,8 +40,6 @@ async def exercise(store: RedisStore) -> None:
                                    for i in range(5)})
         assert store.ready() is None
         await store.release(bucket_id("e", "user0", "m"), LIMITS, "s0", 10)
-    finally:
-        await store.close()
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:

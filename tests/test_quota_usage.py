@@ -24,11 +24,13 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from http_helpers import make_backend, make_ctx, read_all
+from tests.http_helpers import make_ctx, read_all
 
 from gateway.pipeline import RouteKind
-from harness import ALLOW_ANALYSTS, Keys, openai_model, start_gateway, start_upstream
-from quota_support import delete_prefix, unique_prefix
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, openai_model, start_gateway
+from tests.quota_support import delete_prefix, unique_prefix
+from tests.upstreams import running
 
 USAGE = {"prompt_tokens": 900, "completion_tokens": 600, "total_tokens": 1500}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -106,36 +108,35 @@ def arguments(chunks: list[Any]) -> str:
 async def test_tool_call_streams_without_usage_are_charged_and_refused(tmp_path: Path, keys: Keys,
                                                                       redis_url: str, store: str) -> None:
     prefix = unique_prefix()
-    up = await start_upstream(tool_upstream)
-    gw = await gateway_for(tmp_path, keys, up.url, redis_url if store == "redis" else "memory", key_prefix=prefix)
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0, timeout=10)
     try:
-        for _ in range(2):  # 1,500 tokens each: the 3,000 budget is spent
-            chunks = await tool_stream(client, stream_options={"include_usage": False})
-            assert arguments(chunks) == "".join(ARGUMENTS)
-            assert chunks[-1].choices[0].finish_reason == "tool_calls"
-            assert all(c.usage is None and c.choices for c in chunks)  # no usage chunk reached the client
-        with pytest.raises(openai.RateLimitError) as refused:  # 605 more cannot be reserved
-            await tool_stream(client, stream_options={"include_usage": False})
-        assert refused.value.status_code == 429
-        assert refused.value.response.headers["RateLimit-Limit"] == "3000"
-        assert int(refused.value.response.headers["Retry-After"]) >= 1
-        assert charged(gw) == 3000
-        assert len(up.seen) == 2  # the refused request never reached the model
-        for seen in up.seen:  # the gateway asked for usage although the client said no
-            assert orjson.loads(seen.body)["stream_options"] == {"include_usage": True}
+        async with (harness.upstream(tool_upstream) as up,
+                    harness.stopping(await gateway_for(tmp_path, keys, up.url, redis_url if store == "redis" else "memory",
+                                                       key_prefix=prefix)) as gw,
+                    openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0,
+                                       timeout=10) as client):
+            for _ in range(2):  # 1,500 tokens each: the 3,000 budget is spent
+                chunks = await tool_stream(client, stream_options={"include_usage": False})
+                assert arguments(chunks) == "".join(ARGUMENTS)
+                assert chunks[-1].choices[0].finish_reason == "tool_calls"
+                assert all(c.usage is None and c.choices for c in chunks)  # no usage chunk reached the client
+            with pytest.raises(openai.RateLimitError) as refused:  # 605 more cannot be reserved
+                await tool_stream(client, stream_options={"include_usage": False})
+            assert refused.value.status_code == 429
+            assert refused.value.response.headers["RateLimit-Limit"] == "3000"
+            assert int(refused.value.response.headers["Retry-After"]) >= 1
+            assert charged(gw) == 3000
+            assert len(up.seen) == 2  # the refused request never reached the model
+            for seen in up.seen:  # the gateway asked for usage although the client said no
+                assert orjson.loads(seen.body)["stream_options"] == {"include_usage": True}
     finally:
-        await client.close()
-        await gw.stop()
-        await up.stop()
         delete_prefix(redis_url, prefix)
 
 
 async def test_only_the_client_that_asked_sees_the_usage_chunk(tmp_path: Path, keys: Keys) -> None:
-    up = await start_upstream(tool_upstream)
-    gw = await gateway_for(tmp_path, keys, up.url, tokens_per_minute=100_000)
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0, timeout=10)
-    try:
+    async with (harness.upstream(tool_upstream) as up,
+                harness.stopping(await gateway_for(tmp_path, keys, up.url, tokens_per_minute=100_000)) as gw,
+                openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0,
+                                   timeout=10) as client):
         asked = await tool_stream(client, stream_options={"include_usage": True})
         assert asked[-1].choices == [] and asked[-1].usage is not None
         assert asked[-1].usage.total_tokens == 1500
@@ -158,18 +159,14 @@ async def test_only_the_client_that_asked_sees_the_usage_chunk(tmp_path: Path, k
         assert events[-1] == b"data: [DONE]" and len(events) == 6
         assert all(json.loads(e[len(b"data: "):])["choices"] for e in events[:-1])
         assert charged(gw) == 3 * 1500
-    finally:
-        await client.close()
-        await gw.stop()
-        await up.stop()
 
 
 async def test_answers_whose_usage_never_arrives_are_charged_their_whole_reservation(tmp_path: Path,
                                                                                      keys: Keys) -> None:
-    up = await start_upstream(tool_upstream)
-    gw = await gateway_for(tmp_path, keys, up.url)
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0, timeout=10)
-    try:
+    async with (harness.upstream(tool_upstream) as up,
+                harness.stopping(await gateway_for(tmp_path, keys, up.url)) as gw,
+                openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0,
+                                   timeout=10) as client):
         chunks = await tool_stream(client, user="silent")  # a stream that never reports usage
         assert arguments(chunks) == "".join(ARGUMENTS)
         assert charged(gw) == 605
@@ -181,10 +178,6 @@ async def test_answers_whose_usage_never_arrives_are_charged_their_whole_reserva
                                                       max_tokens=MAX_TOKENS)
         assert answer.usage is not None and answer.usage.total_tokens == 1500
         assert charged(gw) == 605 + 605 + 1500  # a JSON answer with usage: that
-    finally:
-        await client.close()
-        await gw.stop()
-        await up.stop()
 
 
 # --------------------------------------------------------------------------- the relay itself
@@ -218,19 +211,14 @@ def _splits(body: bytes) -> list[bytes]:
 async def test_relay_hides_usage_only_from_clients_that_did_not_ask(options: Any, hidden: bool) -> None:
     body = (OPENAI_CHUNK + b"\r\n\r\n" + VLLM_CHUNK + b"\n\n" + b": keep-alive\n\n" + USAGE_ONLY + b"\n\n"
             + b"data: [DONE]\n\n")
-    up = await start_upstream(_stream_upstream(_splits(body)))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
-    try:
+    async with (harness.upstream(_stream_upstream(_splits(body))) as up,
+                running([up.url], protocol="openai", name="chat") as (backend, _)):
         doc: dict[str, Any] = {"model": "chat", "stream": True, "messages": []}
         if options is not None:
             doc["stream_options"] = options
         ctx = make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat", json=doc)
         response = await backend.handle(ctx)
         relayed = await read_all(response)
-    finally:
-        await backend.close()
-        await up.stop()
     assert response.usage is not None and (response.usage.total_tokens, response.usage.answered) == (4, True)
     if not hidden:
         assert relayed == body  # byte for byte
@@ -242,17 +230,12 @@ async def test_relay_hides_usage_only_from_clients_that_did_not_ask(options: Any
 
 
 async def test_relay_hides_a_last_usage_line_without_newline() -> None:
-    up = await start_upstream(_stream_upstream([b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", USAGE_ONLY]))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
-    try:
+    async with (harness.upstream(_stream_upstream([b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", USAGE_ONLY])) as up,
+                running([up.url], protocol="openai", name="chat") as (backend, _)):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/completions", model="chat",
                        json={"model": "chat", "prompt": "p", "stream": True})
         response = await backend.handle(ctx)
         relayed = await read_all(response)
-    finally:
-        await backend.close()
-        await up.stop()
     assert relayed == b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"
     assert response.usage is not None and response.usage.total_tokens == 4
     assert orjson.loads(up.seen[0].body)["stream_options"] == {"include_usage": True}
@@ -264,16 +247,11 @@ async def test_relay_hiding_usage_survives_garbage() -> None:
     parts = [b"data: {not json\n\n", b"data: [1, 2]\n\n", b": a comment\n\n",
              b'data: {"choices": 5, "usage": {"total_tokens": "many"}}\n\n', b"x" * 2_000_000, b"\n\n",
              b'data: {"usage": 7}\n\n', ok, b'data: {"usage": {"total_tokens": 3}}']
-    up = await start_upstream(_stream_upstream(parts))
-    backend = make_backend([up.url], protocol="openai", name="chat")
-    await backend.start()
-    try:
+    async with (harness.upstream(_stream_upstream(parts)) as up,
+                running([up.url], protocol="openai", name="chat") as (backend, _)):
         ctx = make_ctx(RouteKind.OPENAI, "/v1/chat/completions", model="chat",
                        json={"model": "chat", "stream": True, "messages": []})
         response = await backend.handle(ctx)
         relayed = await read_all(response)
-    finally:
-        await backend.close()
-        await up.stop()
     assert relayed == (b"".join(parts[:3]) + b'data: {"choices":5}\n\n' + b"x" * 2_000_000 + b"\n\n" + ok)
     assert response.usage is not None and response.usage.total_tokens == 3

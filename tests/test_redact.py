@@ -13,7 +13,8 @@ import pytest
 from gateway.quota import StoreError
 from gateway.quota.redis_connect import redact
 from gateway.redact import redact_text, redact_url
-from harness import ALLOW_ANALYSTS, Keys, gateway_config, start_gateway, start_upstream, v2_model, write_yaml
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, gateway_config, v2_model, write_yaml
 
 SECRET = "s3cret"
 
@@ -61,12 +62,11 @@ def test_urls_quoted_in_messages_are_masked() -> None:
                                    "redis://127.0.0.1:1/0?username=s3cret&password=s3cret"])
 async def test_readyz_and_logs_never_show_the_store_password(tmp_path: Path, keys: Keys, store: str,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    up = await start_upstream()
     caplog.set_level(logging.WARNING, logger="maas")
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             quota={"store": store, "on_store_error": "deny", "timeout_ms": 200},
-                             audit={"enabled": False})
-    try:
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                quota={"store": store, "on_store_error": "deny", "timeout_ms": 200},
+                                audit={"enabled": False}) as gw):
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{gw.admin_url}/readyz") as r:
                 assert r.status == 503
@@ -80,9 +80,6 @@ async def test_readyz_and_logs_never_show_the_store_password(tmp_path: Path, key
             await store_obj.ping()
         assert "quota store redis://" in caplog.text and "failed" in caplog.text
         assert SECRET not in caplog.text
-    finally:
-        await gw.stop()
-        await up.stop()
 
 
 def test_check_errors_never_show_the_store_password(tmp_path: Path, keys: Keys) -> None:

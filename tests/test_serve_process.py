@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, write_yaml, wait_ready
+from tests.harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, write_yaml, wait_ready
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 
@@ -30,7 +30,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, key
 
     async def slow(request: web.Request) -> web.Response:
         arrived.set()
-        await asyncio.sleep(1.0)  # the thing under test: a request still in flight when SIGTERM comes
+        await asyncio.sleep(1.0)  # real time: a request in flight in another process when SIGTERM comes
         return web.json_response({"outputs": []})
 
     up = await start_upstream(slow)

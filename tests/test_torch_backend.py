@@ -164,7 +164,7 @@ async def test_malformed_requests_are_400(digits: TorchBackend, payload: Any, me
         await digits.handle(context(RouteKind.V2_INFER, payload))
 
 
-async def test_torchscript_model_needs_and_uses_input_shape(tmp_path: Path) -> None:
+async def test_torchscript_model_needs_the_flag_and_uses_input_shape(tmp_path: Path) -> None:
     torch.manual_seed(0)
     buffer = io.BytesIO()
     import warnings
@@ -173,11 +173,11 @@ async def test_torchscript_model_needs_and_uses_input_shape(tmp_path: Path) -> N
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(DigitsMLP()), buffer)
     (tmp_path / "m.pt").write_bytes(buffer.getvalue())
-    with pytest.raises(ConfigError, match="input_shape is unknown"):
+    with pytest.raises(ConfigError, match="TorchScript model: a program, not just weights.*allow_torchscript: true"):
         await make_backend(tmp_path, path="m.pt").start()
     with pytest.raises(ConfigError, match=r"test run with input shape \[1, 63\] failed"):
-        await make_backend(tmp_path, path="m.pt", input_shape=[63]).start()
-    backend = make_backend(tmp_path, path="m.pt", input_shape=[64])
+        await make_backend(tmp_path, path="m.pt", input_shape=[63], allow_torchscript=True).start()
+    backend = make_backend(tmp_path, path="m.pt", input_shape=[64], allow_torchscript=True)
     await backend.start()
     try:
         doc = orjson.loads((await backend.handle(context(RouteKind.V2_METADATA))).body or b"")
@@ -196,7 +196,8 @@ async def test_model_inputs_declared_in_config_give_the_shape(tmp_path: Path) ->
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(DigitsMLP()), buffer)
     (tmp_path / "m.pt").write_bytes(buffer.getvalue())
-    backend = make_backend(tmp_path, {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]}, path="m.pt")
+    backend = make_backend(tmp_path, {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]}, path="m.pt",
+                           allow_torchscript=True)
     await backend.start()
     await backend.close()
 

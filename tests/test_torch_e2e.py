@@ -12,7 +12,9 @@ import pytest
 
 from backends.torch import artifact, signing
 from gateway.errors import ConfigError
-from harness import Keys, start_gateway
+from tests import harness
+from tests.harness import Keys, start_gateway
+from tests.harness import error_fields
 
 ASSETS = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets"
 
@@ -53,9 +55,8 @@ def body(rows: list[list[float]]) -> dict[str, Any]:
 @pytest.mark.slow
 async def test_encrypted_signed_model_served_and_hardened(tmp_path: Path, keys: Keys) -> None:
     backend = {**protect(tmp_path), "max_batch_delay_ms": 5}
-    gw = await start_gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY)
-    rows, labels = digits_rows(64)
-    try:
+    async with harness.gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY) as gw:
+        rows, labels = digits_rows(64)
         async with aiohttp.ClientSession() as s:
             r = await s.get(gw.url + "/v2/models/digits", headers=keys.auth())
             assert r.status == 200
@@ -91,8 +92,6 @@ async def test_encrypted_signed_model_served_and_hardened(tmp_path: Path, keys: 
         assert count is not None and count < 64 + 1  # fewer batches than requests: they were batched
         assert gw.gateway.backends["digits"].stats()["max_batch_size_seen"] > 1
         assert _sample(text, 'maas_hardened_responses_total{model="digits",rule="analysts-top2"}') == 64
-    finally:
-        await gw.stop()
 
 
 def _sample(exposition: str, name: str) -> float | None:
@@ -105,8 +104,7 @@ def _sample(exposition: str, name: str) -> float | None:
 async def test_flood_beyond_the_queue_gets_503_with_retry_after(tmp_path: Path, keys: Keys) -> None:
     backend = {"type": "torch", "path": str(ASSETS / "digits.safetensors"), "arch": "digits-mlp",
                "max_batch_size": 1, "max_batch_delay_ms": 0, "max_queue": 2}
-    gw = await start_gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY)
-    try:
+    async with harness.gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY) as gw:
         headers = keys.auth("owner", ["model-owner"])
         connector = aiohttp.TCPConnector(limit=200)
         async with aiohttp.ClientSession(connector=connector) as s:
@@ -121,8 +119,6 @@ async def test_flood_beyond_the_queue_gets_503_with_retry_after(tmp_path: Path, 
         refused = [retry for status, retry in results if status == 503]
         assert refused and all(retry == "1" for retry in refused)
         assert 200 in statuses
-    finally:
-        await gw.stop()
 
 
 async def test_tampered_model_stops_start_up_with_one_line(tmp_path: Path, keys: Keys) -> None:
@@ -137,17 +133,14 @@ async def test_tampered_model_stops_start_up_with_one_line(tmp_path: Path, keys:
 async def test_degraded_model_answers_503_and_ready_false(tmp_path: Path, keys: Keys) -> None:
     backend = {**protect(tmp_path), "start_degraded": True}
     (tmp_path / "model.key").write_text(artifact.encode_key(artifact.new_key()))  # the wrong key
-    gw = await start_gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY)
-    try:
+    async with harness.gateway(tmp_path, keys, models={"digits": {"backend": backend}}, policy=POLICY) as gw:
         async with aiohttp.ClientSession() as s:
             r = await s.post(gw.url + "/v2/models/digits/infer", json=body([[0.0] * 64]), headers=keys.auth())
             assert r.status == 503
-            error = await r.json()
-            assert error["error"]["type"] == "unavailable" and "key" not in error["error"]["message"]
+            error = error_fields(await r.json())
+            assert error["type"] == "unavailable" and "key" not in error["message"]
             r = await s.get(gw.url + "/v2/models/digits/ready", headers=keys.auth())
             assert r.status == 503 and (await r.json())["ready"] is False
-    finally:
-        await gw.stop()
 
 
 async def test_demo_setup_serves_its_curl_request(tmp_path: Path) -> None:

@@ -92,7 +92,9 @@ def test_torchscript_loads_without_arch() -> None:
     scripted = torch.jit.script(archs.DigitsMLP())
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
-    loaded = loader.load_module(buffer.getvalue(), arch=None, device="cpu")
+    with pytest.raises(ModelLoadError, match="TorchScript model: a program"):
+        loader.load_module(buffer.getvalue(), arch=None, device="cpu")
+    loaded = loader.load_module(buffer.getvalue(), arch=None, device="cpu", allow_torchscript=True)
     assert loaded.format == "torchscript"
     x = torch.rand(3, 64) * 16
     with torch.inference_mode():
@@ -112,7 +114,7 @@ def test_corrupt_torchscript_is_one_line() -> None:
                 continue
             dst.writestr(item, src.read(item))
     with pytest.raises(ModelLoadError, match="TorchScript archive cannot be loaded") as info:
-        loader.load_module(out.getvalue(), arch=None, device="cpu")
+        loader.load_module(out.getvalue(), arch=None, device="cpu", allow_torchscript=True)
     assert "\n" not in str(info.value)
 
 

@@ -24,7 +24,9 @@ from backends.torch.archs import DigitsMLP
 from backends.torch.runner import BatchRunner
 from gateway.errors import BackendError, Unavailable
 from gateway.metrics import Metrics
-from harness import eventually
+from tests import harness
+from tests.clock import FakeClock
+from tests.harness import eventually
 
 BUNDLED = Path(__file__).resolve().parents[1] / "backends" / "torch" / "assets" / "digits.safetensors"
 
@@ -61,8 +63,7 @@ async def test_concurrent_requests_are_batched_and_routed_exactly() -> None:
         return x * 3 + 1  # integer arithmetic: exact, so any row mix-up shows
 
     metrics = Metrics()
-    runner = await started(forward, max_batch_size=16, metrics=metrics)
-    try:
+    async with harness.closing(await started(forward, max_batch_size=16, metrics=metrics)) as runner:
         requests = [np.arange(i * 10, i * 10 + 4, dtype=np.int64).reshape(1, 4) for i in range(64)]
         answers = await asyncio.gather(*(runner.infer(r) for r in requests))
         for r, a in zip(requests, answers):
@@ -71,15 +72,12 @@ async def test_concurrent_requests_are_batched_and_routed_exactly() -> None:
         assert stats["requests"] == 64 and stats["max_batch_size_seen"] > 1
         assert max(sizes) <= 16  # never more samples than max_batch_size
         assert metrics.registry.get_sample_value("maas_runner_batch_size_count", {"model": "m"}) == stats["batches"]
-    finally:
-        await runner.close()
 
 
 async def test_batched_digits_match_unbatched_inference() -> None:
     model = digits_model()
     seen: list[int] = []
-    runner = await started(torch_forward(model, seen))
-    try:
+    async with harness.closing(await started(torch_forward(model, seen))) as runner:
         rng = np.random.default_rng(0)
         samples = [rng.integers(0, 17, size=(1, 64)).astype(np.float32) for _ in range(64)]
         answers = await asyncio.gather(*(runner.infer(s) for s in samples))
@@ -89,20 +87,40 @@ async def test_batched_digits_match_unbatched_inference() -> None:
                 alone = model(torch.from_numpy(s)).numpy()
                 np.testing.assert_allclose(a, alone, rtol=0, atol=1e-6)
                 assert a.argmax() == alone.argmax()
-    finally:
-        await runner.close()
 
 
 async def test_multi_sample_requests_keep_their_rows() -> None:
-    runner = await started(lambda xs: np.concatenate(xs) * 2, max_batch_size=8)
-    try:
+    async with harness.closing(await started(lambda xs: np.concatenate(xs) * 2, max_batch_size=8)) as runner:
         a, b, c = (np.full((n, 2), n, dtype=np.int64) for n in (3, 5, 9))  # 9 > max: runs alone
         ra, rb, rc = await asyncio.gather(runner.infer(a), runner.infer(b), runner.infer(c))
         assert ra.shape == (3, 2) and (ra == 6).all()
         assert rb.shape == (5, 2) and (rb == 10).all()
         assert rc.shape == (9, 2) and (rc == 18).all()
-    finally:
-        await runner.close()
+
+
+async def test_batch_delay_waits_for_company_until_the_deadline() -> None:
+    """With a delay, the first request waits up to max_batch_delay_s for others; then the batch runs, full or not."""
+    sizes: list[int] = []
+
+    def forward(inputs: list[np.ndarray]) -> np.ndarray:
+        sizes.append(len(inputs))
+        return np.concatenate(inputs)
+
+    clock = FakeClock()
+    async with harness.closing(await started(forward, max_batch_delay_s=0.05, clock=clock)) as runner:
+        first = asyncio.ensure_future(runner.infer(np.zeros((1, 1))))
+        await eventually(lambda: clock.sleepers == 1)  # the collector took it and waits for company
+        clock.advance(0.04)
+        second = asyncio.ensure_future(runner.infer(np.ones((1, 1))))  # within the delay: joins the batch
+        await clock.settle()
+        assert sizes == [] and not first.done()  # 10 ms of the delay left: nothing ran yet
+        clock.advance(0.02)  # the thing under test: the delay runs out
+        assert [int(a[0, 0]) for a in await asyncio.gather(first, second)] == [0, 1]
+        assert sizes == [2]
+        third = asyncio.ensure_future(runner.infer(np.full((1, 1), 2)))
+        await eventually(lambda: clock.sleepers == 1)  # a new batch: a new delay, on its own
+        clock.advance(0.05)
+        assert int((await third)[0, 0]) == 2 and sizes == [2, 1]
 
 
 async def test_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
@@ -168,13 +186,10 @@ async def test_a_failing_batch_fails_its_callers_and_the_runner_goes_on() -> Non
             raise RuntimeError("CUDA out of memory (simulated)")
         return np.concatenate(inputs)
 
-    runner = await started(flaky)
-    try:
+    async with harness.closing(await started(flaky)) as runner:
         with pytest.raises(BackendError, match="failed to run"):
             await runner.infer(np.zeros((1, 1)))
         assert (await runner.infer(np.ones((1, 1)))).tolist() == [[1.0]]
-    finally:
-        await runner.close()
 
 
 async def test_callers_that_went_away_are_skipped() -> None:

@@ -32,7 +32,8 @@ def test_valid_signature_verifies(signed: tuple[Path, signing.Ed25519PrivateKey]
 def test_signature_file_is_small_versioned_json(signed: tuple[Path, signing.Ed25519PrivateKey]) -> None:
     target, _ = signed
     doc = json.loads(signing.signature_path(target).read_text())
-    assert doc["format"] == "maas-gateway-signature" and doc["version"] == 1 and doc["algorithm"] == "ed25519"
+    assert doc["format"] == "maas-gateway-signature" and doc["version"] == 2 and doc["algorithm"] == "ed25519"
+    assert doc["model_version"] == 1
     assert len(signing.signature_path(target).read_bytes()) < 512
 
 
@@ -83,7 +84,8 @@ def test_name_is_bound(signed: tuple[Path, signing.Ed25519PrivateKey]) -> None:
 @pytest.mark.parametrize("content,message", [
     (b"not json", "not valid JSON"),
     (b'{"format": "something-else"}', "not a maas-gateway signature file"),
-    (b'{"format": "maas-gateway-signature", "version": 2, "algorithm": "ed25519"}', "unsupported signature version"),
+    (b'{"format": "maas-gateway-signature", "version": 3, "algorithm": "ed25519"}', "unsupported signature version"),
+    (b'{"format": "maas-gateway-signature", "version": true, "algorithm": "ed25519"}', "unsupported signature version"),
     (b'{"format": "maas-gateway-signature", "version": 1, "algorithm": "ed25519", "name": "x"}', "lacks"),
     (b"x" * 5000, "too large"),
 ])

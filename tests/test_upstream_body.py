@@ -11,8 +11,8 @@ import time
 from typing import Awaitable, Callable
 
 import pytest
-from harness import eventually
-from upstreams import closing_pool, trickle
+from tests.harness import eventually
+from tests.upstreams import closing_pool, trickle
 
 from backends.http.client import Origin, Pool, ReadTimeout, ResponseTooLarge, StreamExpired
 

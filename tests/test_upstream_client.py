@@ -8,13 +8,15 @@ two answers to one request, a header block that never ends.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import pytest
 
 from backends.http.client import (ConnectFailed, ConnectTimeout, Disconnected, InvalidRequestLine, InvalidResponse,
                                   Origin, Pool, ReadTimeout)
-from harness import eventually
+from tests.certs import build_pki
+from tests.harness import eventually
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
@@ -270,7 +272,7 @@ async def test_idle_connections_expire_after_keepalive(server) -> None:
     up = await server()
     pool = new_pool(keepalive_s=0.1)
     await fetch(pool, up.origin)
-    await asyncio.sleep(0.25)  # the thing under test: idle past keepalive_s (0.1 s)
+    await asyncio.sleep(0.25)  # real socket, loop clock (fake-clock twin: test_upstream_framing)
     await fetch(pool, up.origin)
     assert up.connections == 2
     pool.close()
@@ -334,7 +336,9 @@ async def test_slow_reader_pauses_the_upstream_socket(server) -> None:
 
 # -- TLS to the upstream --------------------------------------------------------------
 
-from test_tls import pki  # noqa: E402,F401  (the module's certificate fixture)
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def _tls_server(pki) -> tuple[asyncio.base_events.Server, int]:

@@ -24,7 +24,8 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, wait_ready, write_yaml
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, eventually, free_port, gateway_config, start_upstream, v2_model, wait_ready, write_yaml
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 DEATH = re.compile(r"worker (\d+) \(pid (\d+)\) (.+) after [\d.]+ s; replacing it in ([\d.]+) s")
@@ -137,15 +138,12 @@ async def start(tmp_path: Path, keys: Keys, upstream_url: str, workers: int = 2)
 @contextlib.asynccontextmanager
 async def workers_over_upstream(tmp_path: Path, keys: Keys) -> AsyncIterator[Gateway]:
     """A two-worker gateway in front of a fresh upstream; at exit every process is killed and the upstream stopped."""
-    up = await start_upstream()
-    try:
+    async with harness.upstream() as up:
         gw = await start(tmp_path, keys, up.url)
         try:
             yield gw
         finally:
             gw.kill_all()
-    finally:
-        await up.stop()
 
 
 @dataclass

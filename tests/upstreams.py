@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
 import pytest
 from aiohttp import web
-from http_helpers import RawServer, make_backend, make_ctx
+from tests.http_helpers import RawServer, make_backend, make_ctx
 
 from backends.http import HttpBackend, HttpBackendConfig
 from backends.http.client import Pool

@@ -161,7 +161,7 @@ class HttpBackend(Backend):
                     except Unavailable:
                         pass
                 raise failure.error from None
-        return await self._answer(ctx, up, resp, out.stream, out.usage, out.hide_usage)
+        return await self._answer(ctx, up, resp, out.stream, out.usage, out.hide_usage, out.relay_usage)
 
     async def _send(
         self,
@@ -187,7 +187,8 @@ class HttpBackend(Backend):
         return resp
 
     async def _answer(
-        self, ctx: RequestContext, up: Upstream, resp: Response, stream: bool, scan_usage: bool, hide_usage: bool
+        self, ctx: RequestContext, up: Upstream, resp: Response, stream: bool, scan_usage: bool, hide_usage: bool,
+        relay_usage: bool = True,
     ) -> BackendResponse:
         status = resp.status
         pool = self._pool
@@ -202,7 +203,8 @@ class HttpBackend(Backend):
             # stream request is read whole, so the client gets it with a Content-Length.)
             self._score(up, status)
             resp.expire_after(self._max_stream_s)
-            relay = StreamRelay(resp, usage=usage, hide_usage=hide_usage,
+            # relay_usage False: the gateway's LLM stage reads this stream's usage (Responses, Messages, Ollama)
+            relay = StreamRelay(resp, usage=usage if relay_usage else None, hide_usage=hide_usage,
                                 on_failure=lambda: self._stream_broke(up, resp))
             ctx.on_finish(lambda _ctx: relay.release())
             return BackendResponse(status, headers, stream=relay, content_type=content_type, release=relay.release,

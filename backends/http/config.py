@@ -14,7 +14,7 @@ from typing import Literal
 
 from yarl import URL
 
-PROTOCOLS = ("openai", "v2", "raw")
+PROTOCOLS = ("openai", "v2", "ollama", "raw")
 # Never forwarded, whatever a config says: TRACE/TRACK echo the request (the backend's secret headers
 # included) and CONNECT would turn the gateway into a tunnel.
 NEVER_FORWARDED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
@@ -27,7 +27,7 @@ _METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")
 @dataclass(frozen=True, slots=True)
 class HttpBackendConfig:
     type: str
-    protocol: Literal["openai", "v2", "raw"]
+    protocol: Literal["openai", "v2", "ollama", "raw"]
     upstreams: list[str]
     headers: dict[str, str] = field(default_factory=dict)  # added to every forwarded request; they win
     paths: list[str] = field(default_factory=list)  # raw only: the public paths forwarded as is
@@ -69,14 +69,14 @@ class HttpBackendConfig:
                 if not p.startswith("/") or "?" in p or "#" in p or "\\" in p or "//" in p:
                     return f"paths[{i}]", "must be an absolute path without query, fragment, '//' or '\\'"
             if self.model_name is not None:
-                return "model_name", "only for protocol openai or v2"
+                return "model_name", "only for protocol openai, ollama or v2"
             methods_problem = _check_methods(self.methods)
             if methods_problem:
                 return methods_problem
         elif self.paths:
             return "paths", "only for protocol raw"
         elif self.methods is not None:
-            return "methods", "only for protocol raw (openai and v2 routes have their own methods)"
+            return "methods", "only for protocol raw (openai, ollama and v2 routes have their own methods)"
         for key in ("timeout_s", "connect_timeout_s", "keepalive_timeout_s", "eject_for_s"):
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -18,10 +18,14 @@ from urllib.parse import quote
 
 import orjson
 
+from gateway.llm.multipart import boundary_of, replace_field
+from gateway.llm.paths import OLLAMA_CHAT, OLLAMA_GENERATE
 from gateway.openai_paths import STREAMING_PATHS
 from gateway.pipeline import RequestContext, RouteKind
 
-V2_KINDS = frozenset({RouteKind.V2_INFER, RouteKind.V2_METADATA, RouteKind.V2_READY})
+OLLAMA_STREAMING = frozenset({OLLAMA_CHAT, OLLAMA_GENERATE})  # NDJSON unless the body says "stream": false
+V2_KINDS = frozenset({RouteKind.V2_INFER, RouteKind.V2_METADATA, RouteKind.V2_READY, RouteKind.V2_GENERATE,
+                      RouteKind.V2_GENERATE_STREAM})
 
 
 @dataclass(slots=True)
@@ -33,6 +37,7 @@ class Outgoing:
     stream: bool  # the client asked the upstream for a stream (openai ``"stream": true``)
     usage: bool  # watch the answer for openai token usage
     hide_usage: bool = False  # the gateway asked for stream usage the client did not: keep it from the client
+    relay_usage: bool = True  # the relay reads the stream's usage (chat/completions); else gateway.llm does
 
 
 class Protocol:
@@ -50,15 +55,20 @@ class Protocol:
         path = ctx.path
         kind = ctx.route.kind if ctx.route is not None else RouteKind.RAW
         stream = usage = hide = False
-        if kind is RouteKind.OPENAI:
-            usage = True
+        relay_usage = True
+        if kind is RouteKind.OPENAI or kind is RouteKind.OLLAMA:
+            usage = True  # the answer carries a Usage (the relay reads chat/completions, gateway.llm the others)
             body, stream = self._openai_body(ctx, body)
-            hide = not client_asked_usage(ctx.json)
-        elif kind in V2_KINDS and self._model_segment is not None:
-            path = self._v2_path(path)
+            # only chat/completions streams carry a usage chunk the gateway asked for on the client's behalf
+            hide = path in STREAMING_PATHS and not client_asked_usage(ctx.json)
+            relay_usage = path in STREAMING_PATHS
+        elif kind in V2_KINDS:
+            stream = kind is RouteKind.V2_GENERATE_STREAM  # SSE, relayed as it comes
+            if self._model_segment is not None:
+                path = self._v2_path(path)
         query = ctx.request.query
         target = f"{path}?{query}" if query else path
-        return Outgoing(target, body, stream, usage, hide)
+        return Outgoing(target, body, stream, usage, hide, relay_usage)
 
     def _v2_path(self, path: str) -> str:
         # /v2/models/{model}[/...] -> /v2/models/{model_name}[/...]
@@ -72,7 +82,14 @@ class Protocol:
         doc = ctx.json
         if not isinstance(doc, dict):
             return body, False
+        if ctx.route is not None and not ctx.route.json_body:  # multipart (audio): the upload passes as it came
+            if self._model_name is not None and doc.get("model") != self._model_name:
+                boundary = boundary_of(ctx.request.headers.get("Content-Type"))
+                body = replace_field(body, boundary, "model", self._model_name)
+            return body, False
         stream = doc.get("stream") is True
+        if ctx.route is not None and ctx.route.kind is RouteKind.OLLAMA:
+            stream = doc.get("stream") is not False and ctx.path in OLLAMA_STREAMING  # Ollama streams by default
         changes: dict[str, Any] = {}
         if self._model_name is not None and doc.get("model") != self._model_name:
             changes["model"] = self._model_name

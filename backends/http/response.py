@@ -48,7 +48,7 @@ class Response:
     """
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_received", "_limit", "_whole", "_eof",
-                 "_error", "_waiter", "_released")
+                 "_error", "_waiter", "_released", "_loop")
 
     def __init__(self, conn: Feed, status: int, headers: list[tuple[str, str]]) -> None:
         self.status = status
@@ -63,6 +63,7 @@ class Response:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: get_running_loop() is a getpid() call
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive)."""
@@ -105,18 +106,45 @@ class Response:
         return body
 
     async def readany(self) -> bytes:
-        """The next chunk the upstream sent, as soon as there is one; ``b""`` at the end."""
-        while not self._chunks:
+        """What the upstream sent since the last call, as soon as there is something; ``b""`` at the end.
+
+        Several chunks already buffered come back as one (one write to the client instead of several).
+        """
+        chunk = self.take()
+        while chunk is None:
+            await self.arrival()
+            chunk = self.take()
+        return chunk
+
+    def take(self) -> bytes | None:
+        """``readany()`` without waiting: what is buffered (joined), ``b""`` at the end, None when nothing is yet.
+
+        Raises the ``UpstreamError`` that ended the body, once what arrived before it has been taken.
+        """
+        chunks = self._chunks
+        if not chunks:
             if self._error is not None:
                 raise self._error
-            if self._eof:
-                return b""
-            await self._wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._buffered < PAUSE_ABOVE // 2:
-            self._conn.resume()
+            return b"" if self._eof else None
+        if len(chunks) == 1:
+            chunk = chunks.popleft()
+        else:
+            chunk = b"".join(chunks)
+            chunks.clear()
+        self._buffered = 0
+        self._conn.resume()  # (a no-op unless _feed paused the socket)
         return chunk
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when a chunk, the end or an error arrives (await it when ``take()`` gave None).
+
+        A plain future, not a coroutine: a stream's reader awaits it with no frame in between.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        return waiter
 
     def expire_after(self, seconds: float) -> None:
         """End a streamed body ``seconds`` from now (``StreamExpired`` after what was received), connection closed."""
@@ -157,7 +185,9 @@ class Response:
             return
         if self._buffered > PAUSE_ABOVE:
             self._conn.pause()
-        self._wake()
+        waiter = self._waiter  # _wake(), inline: once per chunk
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _end(self, error: UpstreamError | None = None) -> None:
         if error is None:

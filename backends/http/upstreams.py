@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Sequence
 
 from gateway.errors import Unavailable
 
@@ -66,7 +66,7 @@ class Upstream:
         self.label = self.base
         self.failures = 0  # consecutive
         self.in_rotation = True
-        self.ejected_until = 0.0  # time.monotonic()
+        self.ejected_until = 0.0  # on the pool's clock (time.monotonic)
         self.trial = False  # a request is trying this ejected upstream now
         if metrics is None:
             self.outcome: dict[str, Any] = {o: NO_METRIC for o in OUTCOMES}
@@ -95,8 +95,13 @@ class UpstreamPool:
         health_path: str | None,
         max_ejection_percent: float = 50.0,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.upstreams = [Upstream(u, model, metrics) for u in urls]
+        # The seam for tests (a fake clock instead of waiting out eject_for_s); read only while something is ejected.
+        self.clock = clock
+        self.sleep = sleep
         self._eject_after = eject_after_failures
         self._eject_for = eject_for_s
         self._max_ejected = int(len(self.upstreams) * max_ejection_percent // 100)  # floor, like Envoy
@@ -133,7 +138,7 @@ class UpstreamPool:
         ups = self.upstreams
         ejected = self._ejected
         if ejected and self._health_path is None:
-            now = time.monotonic()
+            now = self.clock()
             for up in ups:
                 if not up.in_rotation and not up.trial and now >= up.ejected_until and up not in exclude:
                     up.trial = True
@@ -155,7 +160,7 @@ class UpstreamPool:
         """
         if not self._ejected:
             return True
-        now = time.monotonic()
+        now = self.clock()
         for up in self.upstreams:
             if up.in_rotation or (self._health_path is None and now >= up.ejected_until):
                 return True
@@ -173,7 +178,7 @@ class UpstreamPool:
         up.failures += 1
         if up.trial:
             up.trial = False
-            up.ejected_until = time.monotonic() + self._eject_for
+            up.ejected_until = self.clock() + self._eject_for
         elif up.in_rotation and up.failures >= self._eject_after and self._ejected < self._max_ejected:
             self._eject(up)
 
@@ -184,7 +189,7 @@ class UpstreamPool:
     def _eject(self, up: Upstream) -> None:
         up.in_rotation = False
         up.trial = False
-        up.ejected_until = time.monotonic() + self._eject_for
+        up.ejected_until = self.clock() + self._eject_for
         self._ejected += 1
         up.healthy_gauge.set(0)
         up.ejections.inc()
@@ -206,13 +211,13 @@ class UpstreamPool:
 
     async def _probe_until_healthy(self, up: Upstream) -> None:
         while not up.in_rotation:
-            await asyncio.sleep(max(0.0, up.ejected_until - time.monotonic()))
+            await self.sleep(max(0.0, up.ejected_until - self.clock()))
             if up.in_rotation:
                 return
             if await self.probe(up):
                 self._readmit(up)
                 return
-            up.ejected_until = time.monotonic() + self._eject_for
+            up.ejected_until = self.clock() + self._eject_for
 
     async def probe(self, up: Upstream) -> bool:
         """One ``GET health_path``: healthy on a 2xx answer."""

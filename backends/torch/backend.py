@@ -26,8 +26,11 @@ from gateway.config import TensorSpec
 from gateway.errors import ConfigError, InvalidRequest, NotFound, Unavailable
 from gateway.pipeline import BackendResponse, RequestContext, RouteKind
 from gateway.v2 import check_infer_request
+from gateway.v2_binary import HEADER as BINARY_HEADER
+from gateway.v2_binary import encode_answer, wants_binary
+from gateway.v2_routes import version_of
 
-from .config import TorchBackendConfig, findings
+from .config import TorchBackendConfig, findings, verifies_signatures
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
@@ -59,6 +62,7 @@ class TorchBackend(Backend):
         self._loaded: LoadedModel | None = None
         self._failure: str | None = None
         self._input_shape: tuple[int, ...] = ()
+        self._any_rank = False
         self._declared: list[TensorSpec] | None = None  # set once the model is loaded; read per request
         self._output_shape: tuple[int, ...] = ()
         self._output_datatype = "FP32"
@@ -77,6 +81,10 @@ class TorchBackend(Backend):
     @classmethod
     def data_path(cls, config: Any) -> Path | None:
         return Path(config.path)
+
+    @classmethod
+    def verifies_signatures(cls, config: Any) -> bool:
+        return verifies_signatures(config)
 
     @classmethod
     def add_commands(cls, subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -105,8 +113,9 @@ class TorchBackend(Backend):
                              metrics=self.env.metrics)
         await runner.start()
         try:  # warm-up in the worker thread itself: first-call allocations and kernel choice happen now
-            warm = np.zeros((cfg.max_batch_size, *self._input_shape), self._input_dtype())
-            await asyncio.to_thread(runner.run_sync, [warm])
+            if not self._dynamic():  # with -1 dimensions there is no shape to warm up with
+                warm = np.zeros((cfg.max_batch_size, *self._input_shape), self._input_dtype())
+                await asyncio.to_thread(runner.run_sync, [warm])
         except Exception as exc:
             await runner.close(0)
             raise ConfigError(f"model {self.name}: warm-up failed: {exc}") from None
@@ -120,7 +129,7 @@ class TorchBackend(Backend):
         """Everything slow and blocking: runs in a thread so start-up of other parts is not frozen."""
         import torch
 
-        from .loader import ModelLoadError, load_key, load_module, load_verify_key, read_verified
+        from .loader import ModelLoadError, OmsTrust, load_key, load_module, load_verify_key, read_verified
 
         cfg = self.config
         threads = cfg.threads or default_threads()
@@ -133,19 +142,25 @@ class TorchBackend(Backend):
         try:
             key = load_key(key_env=cfg.key_env, key_file=cfg.key_file)
             verify_key = load_verify_key(cfg.verify_key_file)
-            verified = read_verified(cfg.path, key=key, verify_key=verify_key)
-            loaded = load_module(verified.data, arch=cfg.arch, device=device)
+            oms = OmsTrust(cfg.oms_signature, cfg.oms_public_key, cfg.oms_certificate) if cfg.oms_signature else None
+            verified = read_verified(cfg.path, key=key, verify_key=verify_key, min_version=cfg.min_version, oms=oms)
+            loaded = load_module(verified.data, arch=cfg.arch, device=device, allow_torchscript=cfg.allow_torchscript)
         except ModelLoadError as exc:
             raise _Refused(str(exc)) from None
         self.info = {"format": loaded.format, "encrypted": verified.encrypted, "signed": verified.signed,
-                     "sha256": verified.sha256, "device": device, "threads": threads}
+                     "sha256": verified.sha256, "device": device, "threads": threads,
+                     "model_version": verified.model_version, "oms": verified.oms_name is not None}
         del verified
         self._loaded = loaded
         shape = cfg.input_shape or self._declared_input_shape() or loaded.input_shape
-        if not shape:
-            raise _Refused("input_shape is unknown: set input_shape in the backend config "
-                           "(TorchScript carries none)")
-        self._input_shape = tuple(shape)
+        if not shape and loaded.format != "torchscript":
+            raise _Refused("input_shape is unknown: set input_shape in the backend config")
+        self._any_rank = not shape  # TorchScript that declares no shape: samples of any shape (-1 dimensions)
+        self._input_shape = tuple(shape or (-1,))
+        if self._dynamic():  # nothing to test-run with: each request's shape is the model's business
+            self._output_shape = tuple(cfg.output_shape or loaded.output_shape or (-1,))
+            self._metadata_body = orjson.dumps(self._metadata())
+            return
         self._declared = [TensorSpec(cfg.input_name, cfg.input_datatype, [-1, *self._input_shape])]
         try:
             probe = self._forward([np.zeros((1, *self._input_shape), self._input_dtype())])
@@ -167,12 +182,34 @@ class TorchBackend(Backend):
     def _input_dtype(self) -> Any:
         return _NP_DTYPES[self.config.input_datatype]
 
+    def _dynamic(self) -> bool:
+        """Whether the sample shape has -1 dimensions (or an unknown rank): no warm-up, batches by shape."""
+        return self._any_rank or -1 in self._input_shape
+
+    def _shape_fits(self, shape: list[int]) -> bool:
+        """Whether a request's ``[n, ...]`` shape fits the sample shape (-1: any size; unknown rank: any rank)."""
+        if self._any_rank:
+            return 1 <= len(shape) <= 9 and all(d >= 1 for d in shape[1:])
+        return len(shape) == len(self._input_shape) + 1 and all(
+            d == e or (e == -1 and d >= 1) for d, e in zip(shape[1:], self._input_shape))
+
+    def _forward_each(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """A batch of differing sample shapes, one request at a time; outputs stacked when their shapes agree."""
+        outs = [self._forward([x]) for x in inputs]
+        if len({o.shape[1:] for o in outs}) == 1:
+            return np.concatenate(outs)
+        rows = np.empty(sum(len(o) for o in outs), dtype=object)  # one sample's output per row; see _infer
+        rows[:] = [sample for o in outs for sample in o]
+        return rows
+
     def _forward(self, inputs: list[np.ndarray]) -> np.ndarray:
         """One forward pass over a whole batch; runs in the worker thread."""
         import torch
 
         loaded = self._loaded
         assert loaded is not None
+        if len(inputs) > 1 and self._dynamic() and len({x.shape[1:] for x in inputs}) > 1:
+            return self._forward_each(inputs)
         x = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         tensor = torch.from_numpy(x)
         if loaded.device != "cpu":
@@ -185,6 +222,8 @@ class TorchBackend(Backend):
             out = out.float()
         elif not out.is_floating_point():
             out = out.long()
+        if self._dynamic():  # not known from a test run at load: the model's answers tell
+            self._output_datatype = "FP32" if out.is_floating_point() else "INT64"
         return out.cpu().numpy()
 
     def ready(self) -> bool:
@@ -206,6 +245,9 @@ class TorchBackend(Backend):
 
     async def handle(self, ctx: RequestContext) -> BackendResponse:
         kind = ctx.route.kind if ctx.route else None
+        version = version_of(ctx.path)
+        if version is not None and version != str(self.config.version):
+            raise NotFound(f"model {self.name} has no version {version[:20]!r} (it serves {self.config.version})")
         if kind is RouteKind.V2_INFER:
             return await self._infer(ctx)
         if kind is RouteKind.V2_READY:
@@ -241,6 +283,8 @@ class TorchBackend(Backend):
         # the validate stage's converted inputs describe ctx.json: a body parsed here has none
         inputs = self._parse(payload, ctx.validated_inputs if payload is ctx.json else None)
         outputs = await runner.infer(inputs)
+        if outputs.dtype == object:  # a mixed-shape batch of a -1-dimension model: this request's rows
+            outputs = np.stack(list(outputs))
         cfg = self.config
         flat = outputs.reshape(-1)
         tensor = {"name": cfg.output_name, "datatype": self._output_datatype, "shape": list(outputs.shape)}
@@ -250,6 +294,11 @@ class TorchBackend(Backend):
             answer["id"] = request_id
         # body: numpy serialised by orjson (float32 printed at float32 precision); json: plain lists for harden
         answer["outputs"] = [{**tensor, "data": flat}]
+        if wants_binary(payload, cfg.output_name):  # tritonclient's default: raw bytes after a JSON header
+            body, header = encode_answer(answer, lambda _out: True)
+            answer["outputs"] = [{**tensor, "data": flat.tolist()}]
+            return BackendResponse(200, [(BINARY_HEADER, str(header))], body=body, json=answer,
+                                   content_type="application/octet-stream")
         body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
         answer["outputs"] = [{**tensor, "data": flat.tolist()}]
         return BackendResponse(200, body=body, json=answer)
@@ -277,11 +326,10 @@ class TorchBackend(Backend):
         if datatype not in _NP_DTYPES:
             raise InvalidRequest(f"input {cfg.input_name!r}: datatype must be FP32 or INT64, got {datatype!r}")
         shape = t.get("shape")
-        expected = [-1, *self._input_shape]
-        if (not isinstance(shape, list) or len(shape) != len(expected)
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-                or list(shape[1:]) != list(self._input_shape) or not 1 <= shape[0] <= MAX_REQUEST_SAMPLES):
-            raise InvalidRequest(f"input {cfg.input_name!r}: shape must be [n, {', '.join(map(str, self._input_shape))}]"
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or not self._shape_fits(shape) or not 1 <= shape[0] <= MAX_REQUEST_SAMPLES):
+            dims = "..." if self._any_rank else ", ".join(map(str, self._input_shape))
+            raise InvalidRequest(f"input {cfg.input_name!r}: shape must be [n, {dims}]"
                                  f" with 1 <= n <= {MAX_REQUEST_SAMPLES}, got {shape!r}")
         requested = payload.get("outputs")
         if isinstance(requested, list):
@@ -291,9 +339,12 @@ class TorchBackend(Backend):
         if checked is None:
             checked = {}
             check_infer_request(payload, None, checked)  # RequestViolation: a 400 naming the bad value
-        ready = checked.get(cfg.input_name) if datatype == cfg.input_datatype == "FP32" else None
+        # FP32 JSON data as converted by the validate stage, or binary data as decoded there (either dtype)
+        ready = checked.get(cfg.input_name) if datatype == cfg.input_datatype else None
         if ready is not None and ready.size == math.prod(shape):
-            return ready.reshape(shape).astype(np.float32)
+            return ready.reshape(shape).astype(self._input_dtype())  # a copy: binary data is the read-only body
+        if "data" not in t:
+            raise InvalidRequest(f"input {cfg.input_name!r}: no data")
         # valid v2 data by now: numbers of the datatype, within its range, rectangular, as many as the shape
         array = np.asarray(t["data"])
         with np.errstate(over="ignore", invalid="ignore"):

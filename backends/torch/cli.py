@@ -197,23 +197,48 @@ def _with_bar(label: str, target: Path, run: Callable[[ProgressBar], _T]) -> _T:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     target = _input(args.artifact)
+    if not 1 <= args.version <= signing.MAX_MODEL_VERSION:
+        raise CliError(f"--version must be between 1 and {signing.MAX_MODEL_VERSION}")
     try:
         key = signing.load_private_key(Path(args.key))
-        out = _with_bar("sign", target, lambda bar: signing.sign_file(target, key, bar))
+        out = _with_bar("sign", target, lambda bar: signing.sign_file(target, key, bar, args.version))
     except SignatureError as exc:
         raise CliError(str(exc)) from None
-    print(f"wrote {out} (key id {signing.public_key_id(key.public_key())})", file=sys.stderr)
+    print(f"wrote {out} (model version {args.version}, key id {signing.public_key_id(key.public_key())})",
+          file=sys.stderr)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.oms is not None:
+        return _verify_oms(args)
+    if args.pub is None or args.oms_key or args.oms_cert:
+        raise CliError("give --pub PUBLIC.pem (a maas-gateway .sig), or --oms SIGNATURE with --oms-key or --oms-cert")
     target = _input(args.artifact)
     try:
         public = signing.load_public_key(Path(args.pub))
         sig = _with_bar("verify", target, lambda bar: signing.verify_file(target, public, bar))
     except SignatureError as exc:
         raise CliError(f"{target}: {exc}", code=1) from None
-    print(f"{target}: signature valid (key id {sig.key_id}, sha256 {sig.sha256})")
+    print(f"{target}: signature valid (model version {sig.model_version}, key id {sig.key_id}, sha256 {sig.sha256})")
+    return 0
+
+
+def _verify_oms(args: argparse.Namespace) -> int:
+    """An OpenSSF Model Signing signature over a plain model file or folder."""
+    from .oms import OmsError, verify_path
+
+    if args.pub is not None or (args.oms_key is None) == (args.oms_cert is None):
+        raise CliError("--oms needs --oms-key PUB.pem or --oms-cert CERT.pem (exactly one), and no --pub")
+    target = Path(args.artifact)
+    if not target.exists():
+        raise CliError(f"{target}: file or folder not found")
+    try:
+        verify_path(target, Path(args.oms), public_key=Path(args.oms_key) if args.oms_key else None,
+                    certificate=Path(args.oms_cert) if args.oms_cert else None)
+    except OmsError as exc:
+        raise CliError(f"{target}: {exc}", code=1) from None
+    print(f"{target}: OMS signature valid ({'key' if args.oms_key else 'certificate'} mode)")
     return 0
 
 
@@ -240,12 +265,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                            help=f"plaintext bytes per authenticated chunk (default {artifact.DEFAULT_CHUNK_SIZE})")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("sign", help="write ARTIFACT.sig (Ed25519 over the artifact's SHA-256 and name)")
+    p = sub.add_parser("sign", help="write ARTIFACT.sig (Ed25519 over the artifact's SHA-256, name and version)")
     p.add_argument("artifact")
     p.add_argument("--key", required=True, help="private key PEM from `model keygen --signing`")
+    p.add_argument("--version", type=int, default=1, metavar="N",
+                   help="the model's release number (default 1); a backend's min_version refuses older ones")
     p.set_defaults(func=cmd_sign)
 
-    p = sub.add_parser("verify", help="exit 0 if ARTIFACT.sig is valid for ARTIFACT, else 1 with the reason")
+    p = sub.add_parser("verify", help="exit 0 if ARTIFACT's signature is valid, else 1 with the reason")
     p.add_argument("artifact")
-    p.add_argument("--pub", required=True, help="public key PEM")
+    p.add_argument("--pub", help="public key PEM: check ARTIFACT.sig (prints the signed model version)")
+    p.add_argument("--oms", metavar="SIGNATURE", help="an OpenSSF Model Signing signature over a plain file or folder")
+    p.add_argument("--oms-key", metavar="PUB.pem", help="with --oms: the signer's EC public key (key mode)")
+    p.add_argument("--oms-cert", metavar="CERT.pem", help="with --oms: the certificate chain (certificate mode)")
     p.set_defaults(func=cmd_verify)

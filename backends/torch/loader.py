@@ -5,8 +5,14 @@ signature) and, when encrypted, authenticated chunk by chunk while it is read,
 so what is checked is exactly what is loaded. Nothing parses the plaintext
 until both checks have passed. The format is then told by content, never by
 file name: safetensors (tensors only) goes into a trusted architecture;
-TorchScript is loaded by TorchScript's own loader; anything pickled is refused,
-because unpickling runs whatever code the file's author chose.
+TorchScript is code, so it is refused unless the backend allows it, and then
+checked before and after loading (``torchscript_guard``); anything pickled is
+refused, because unpickling runs whatever code the file's author chose.
+
+After the signature, two more checks on what was read: the signed model version
+against ``min_version`` (a rolled-back release is refused), and an OpenSSF Model
+Signing signature (``oms``) over the plaintext, computed in memory, so a
+publisher's signature keeps protecting a model we store encrypted.
 
 Memory: decryption holds two chunks at a time; the plaintext is then gathered
 once (safetensors parses from bytes), so the peak is about twice the model —
@@ -28,6 +34,11 @@ from . import artifact, signing
 from .artifact import ArtifactError, KeyProblem
 from .signing import SignatureError
 
+TORCHSCRIPT_REFUSAL = ("this is a TorchScript model: a program, not just weights — it can read files (the "
+                       "gateway's keys), write them or open sockets; set allow_torchscript: true to serve it after "
+                       "its operations are checked against an allow-list of pure tensor math, or ship safetensors "
+                       "weights with an `arch`")
+
 PICKLE_REFUSAL = ("pickle files can execute code when loaded; convert to safetensors "
                   "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors'))")
 TORCH_SAVE_REFUSAL = ("this is a torch.save checkpoint: a zip of pickled Python objects, which can execute code "
@@ -48,10 +59,22 @@ class Verified:
     encrypted: bool
     signed: bool
     key_id: str | None = None
+    model_version: int | None = None  # the signed release number, when signed
+    oms_name: str | None = None  # the model name an OpenSSF Model Signing signature vouches for
+
+
+@dataclass(frozen=True, slots=True)
+class OmsTrust:
+    """An OpenSSF Model Signing signature to check over the plaintext, and what to check it against."""
+
+    signature: Path
+    public_key: Path | None = None
+    certificate: Path | None = None
 
 
 def read_verified(path: Path, *, key: bytes | None, verify_key: Any = None,
-                  progress: Callable[[int], None] | None = None) -> Verified:
+                  progress: Callable[[int], None] | None = None, min_version: int | None = None,
+                  oms: OmsTrust | None = None) -> Verified:
     """Read ``path`` once, decrypting with ``key`` and checking its signature against ``verify_key``.
 
     A configured key and a plaintext file is a refusal, never a fallback: an
@@ -105,8 +128,25 @@ def read_verified(path: Path, *, key: bytes | None, verify_key: Any = None,
             signing.check(signature, path.name, sha, verify_key)
         except SignatureError as exc:
             raise ModelLoadError(str(exc)) from None
+        if min_version is not None and signature.model_version < min_version:
+            raise ModelLoadError(f"artifact is signed as model version {signature.model_version}, older than "
+                                 f"min_version {min_version}: refusing a rolled-back release")
+    elif min_version is not None:
+        raise ModelLoadError("min_version needs verify_key_file: an unsigned artifact has no trustworthy version")
+    oms_name = check_oms(data, oms) if oms is not None else None
     return Verified(data, sha, encrypted, verify_key is not None,
-                    artifact.key_id(key).hex() if key is not None else None)
+                    artifact.key_id(key).hex() if key is not None else None,
+                    signature.model_version if signature is not None else None, oms_name)
+
+
+def check_oms(data: bytes, trust: OmsTrust) -> str:
+    """The OMS signature over the plaintext ``data`` (in memory: it never goes back to disk to be hashed)."""
+    from .oms import OmsError, verify_plaintext
+
+    try:
+        return verify_plaintext(data, trust.signature, public_key=trust.public_key, certificate=trust.certificate)
+    except OmsError as exc:
+        raise ModelLoadError(f"oms_signature: {exc}") from None
 
 
 def load_key(*, key_env: str | None, key_file: Path | None) -> bytes | None:
@@ -164,7 +204,7 @@ class LoadedModel:
     device: str
 
 
-def load_module(data: bytes, *, arch: str | None, device: str) -> LoadedModel:
+def load_module(data: bytes, *, arch: str | None, device: str, allow_torchscript: bool = False) -> LoadedModel:
     """Turn verified plaintext into a module, or refuse it with the reason."""
     import torch
 
@@ -176,14 +216,9 @@ def load_module(data: bytes, *, arch: str | None, device: str) -> LoadedModel:
     if kind == "unknown":
         raise ModelLoadError("unrecognised model format: expected safetensors or TorchScript")
     if kind == "torchscript":
-        try:
-            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it is still supported here
-                warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(io.BytesIO(data), map_location=device)
-        except Exception as exc:  # torch raises RuntimeError with multi-line C++ context
-            raise ModelLoadError(f"TorchScript archive cannot be loaded: {_first_line(exc)}") from None
-        module.eval()
-        return LoadedModel(module, kind, None, None, None, device)
+        if not allow_torchscript:
+            raise ModelLoadError(TORCHSCRIPT_REFUSAL)
+        return _load_torchscript(torch, data, device)
     if not arch:
         raise ModelLoadError("safetensors weights need `arch:` (a registered name or 'package.module:Class')")
     from safetensors.torch import load as load_safetensors
@@ -204,6 +239,52 @@ def load_module(data: bytes, *, arch: str | None, device: str) -> LoadedModel:
     module.to(device).eval()
     return LoadedModel(module, kind, arch, _shape(getattr(module, "input_shape", None)),
                        _shape(getattr(module, "output_shape", None)), device)
+
+
+def _load_torchscript(torch: Any, data: bytes, device: str) -> LoadedModel:
+    """Prescan, load, then walk every graph; the shapes the model declares, if any.
+
+    A model declares its sample shape with an ``input_shape`` (and ``output_shape``)
+    attribute — a list of ints, -1 for any size — or an extra file of that name
+    holding a JSON list (``torch.jit.save(m, f, _extra_files={"input_shape": "[64]"})``).
+    """
+    from .torchscript_guard import TorchScriptRefused, check_module, prescan
+
+    extra = {"input_shape": "", "output_shape": ""}
+    try:
+        prescan(data)
+        try:
+            with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it is still supported here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError with multi-line C++ context
+            raise ModelLoadError(f"TorchScript archive cannot be loaded: {_first_line(exc)}") from None
+        check_module(module)
+    except TorchScriptRefused as exc:
+        raise ModelLoadError(str(exc)) from None
+    module.eval()
+    return LoadedModel(module, "torchscript", None, _declared(module, extra, "input_shape"),
+                       _declared(module, extra, "output_shape"), device)
+
+
+def _declared(module: Any, extra: dict[str, Any], name: str) -> tuple[int, ...] | None:
+    """A shape the TorchScript model declares (attribute, else extra file); None when it declares none."""
+    import json
+
+    value: Any = None
+    try:
+        value = getattr(module, name)
+    except Exception:  # no such attribute: a ScriptModule raises its own error types
+        raw = extra.get(name)
+        if raw:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = None
+    if (isinstance(value, (list, tuple)) and value
+            and all(type(d) is int and (d >= 1 or d == -1) for d in value)):
+        return tuple(value)
+    return None
 
 
 def _into_arch(torch: Any, arch: str, tensors: dict[str, Any]) -> Any:

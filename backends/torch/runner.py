@@ -24,7 +24,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -38,6 +38,14 @@ log = logging.getLogger("maas.torch.runner")
 Forward = Callable[[list[np.ndarray]], np.ndarray]  # inputs of one batch, in order -> outputs stacked on axis 0
 
 
+class Clock(Protocol):
+    """What the collector times its batch delay with: the event loop itself, or a test's fake clock."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Any: ...
+
+
 @dataclass(slots=True)
 class _Job:
     inputs: np.ndarray  # (n, *sample shape)
@@ -48,8 +56,9 @@ class BatchRunner:
     """Queue, collector and worker thread for one model."""
 
     def __init__(self, forward: Forward, *, name: str, max_batch_size: int, max_batch_delay_s: float,
-                 max_queue: int, metrics: Metrics | None = None) -> None:
+                 max_queue: int, metrics: Metrics | None = None, clock: Clock | None = None) -> None:
         self.name = name
+        self._clock = clock  # None: the running loop (the seam for tests: a fake clock instead of real delays)
         self._forward = forward
         self._max_batch = max_batch_size
         self._delay = max_batch_delay_s
@@ -102,10 +111,10 @@ class BatchRunner:
             self._depth_metric.set(len(pending))
         return await job.future
 
-    async def _arrival(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
-        """Sleep until infer() queues a job or, given a deadline, until then (whichever comes first)."""
+    async def _arrival(self, loop: asyncio.AbstractEventLoop, clock: Clock, deadline: float | None) -> None:
+        """Sleep until infer() queues a job or, given a deadline on ``clock``, until then (whichever comes first)."""
         self._arrived = arrived = loop.create_future()
-        timer = loop.call_at(deadline, _wake, arrived) if deadline is not None else None
+        timer = clock.call_at(deadline, _wake, arrived) if deadline is not None else None
         try:
             await arrived
         finally:
@@ -115,22 +124,23 @@ class BatchRunner:
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        clock: Clock = self._clock or loop
         pending = self._pending
         taken = self._taken  # jobs out of the queue but not answered: failed if the collector is cancelled
         try:
             while True:
                 if not taken:
                     while not pending:
-                        await self._arrival(loop, None)
+                        await self._arrival(loop, clock, None)
                     taken.append(pending.popleft())
                 n = len(taken[0].inputs)
                 size = 1
-                deadline = loop.time() + self._delay
+                deadline = clock.time() + self._delay
                 while n < self._max_batch:
                     if not pending:
-                        if loop.time() >= deadline:  # also at once with a delay of 0
+                        if clock.time() >= deadline:  # also at once with a delay of 0
                             break
-                        await self._arrival(loop, deadline)
+                        await self._arrival(loop, clock, deadline)
                         if not pending:
                             break
                     job = pending.popleft()

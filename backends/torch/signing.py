@@ -1,10 +1,17 @@
 """Ed25519 signatures over model artifacts: ``ARTIFACT.sig`` beside the file.
 
-The signed message is the artifact's SHA-256 *and its file name*, under a
-versioned context string: a valid signature for ``fraud.safetensors`` does not
-make a swapped-in ``digits.safetensors`` look genuine, even when both come from
-the same signer. The signature file is a small JSON object so a person can read
-which file and key it names; only the Ed25519 signature decides.
+The signed message is the artifact's SHA-256, its file name *and the model's
+version*, under a versioned context string: a valid signature for
+``fraud.safetensors`` does not make a swapped-in ``digits.safetensors`` look
+genuine, even when both come from the same signer, and an older signed release
+copied back over a newer one (with its ``.sig``) still says it is the older
+version, which the backend's ``min_version`` refuses. The signature file is a
+small JSON object so a person can read which file, version and key it names;
+only the Ed25519 signature decides.
+
+Signature files of format 1 (before versions) keep verifying: their message has
+no version, and they count as model version 1, the lowest there is, so a
+format-1 file can never pass for a newer release.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 SIG_SUFFIX = ".sig"
 FORMAT = "maas-gateway-signature"
-VERSION = 1
-_CONTEXT = b"maas-gateway model signature v1\n"
+VERSION = 2  # of the signature file format; format 1 (no model version) is still read
+_CONTEXTS = {1: b"maas-gateway model signature v1\n", 2: b"maas-gateway model signature v2\n"}
+MAX_MODEL_VERSION = 2**53 - 1  # JSON numbers stay exact up to here
 _READ_BLOCK = 1 << 20
 MAX_SIG_BYTES = 4096  # a signature file is ~300 bytes; refuse to parse anything large
 
@@ -40,6 +48,8 @@ class Signature:
     sha256: str  # hex
     key_id: str  # hex, 16 chars
     signature: bytes
+    model_version: int = 1  # the signed release number (format 1 files: 1)
+    format: int = VERSION
 
 
 def signature_path(artifact: Path) -> Path:
@@ -51,8 +61,10 @@ def public_key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def message(name: str, sha256_hex: str) -> bytes:
-    return _CONTEXT + name.encode("utf-8") + b"\n" + sha256_hex.encode("ascii")
+def message(name: str, sha256_hex: str, model_version: int = 1, *, format: int = VERSION) -> bytes:
+    """What is signed: format 2 binds the model version too; format 1 (read only) did not."""
+    body = _CONTEXTS[format] + name.encode("utf-8") + b"\n" + sha256_hex.encode("ascii")
+    return body + f"\n{model_version}".encode("ascii") if format >= 2 else body
 
 
 # ---------------------------------------------------------------------------
@@ -119,16 +131,19 @@ def sha256_file(src: BinaryIO, progress: Callable[[int], None] | None = None) ->
     return digest.hexdigest()
 
 
-def sign(name: str, sha256_hex: str, key: Ed25519PrivateKey) -> bytes:
-    """The signature file's bytes for an artifact called ``name`` with digest ``sha256_hex``."""
+def sign(name: str, sha256_hex: str, key: Ed25519PrivateKey, model_version: int = 1) -> bytes:
+    """The signature file's bytes for release ``model_version`` of an artifact ``name`` with digest ``sha256_hex``."""
+    if not 1 <= model_version <= MAX_MODEL_VERSION:
+        raise SignatureError(f"model version must be between 1 and {MAX_MODEL_VERSION}, got {model_version}")
     doc = {
         "format": FORMAT,
         "version": VERSION,
         "algorithm": "ed25519",
         "name": name,
         "sha256": sha256_hex,
+        "model_version": model_version,
         "key_id": public_key_id(key.public_key()),
-        "signature": base64.b64encode(key.sign(message(name, sha256_hex))).decode("ascii"),
+        "signature": base64.b64encode(key.sign(message(name, sha256_hex, model_version))).decode("ascii"),
     }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
@@ -142,9 +157,13 @@ def parse(data: bytes, *, where: str) -> Signature:
         raise SignatureError(f"{where}: signature file is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SignatureError(f"{where}: not a maas-gateway signature file")
-    if doc.get("version") != VERSION or doc.get("algorithm") != "ed25519":
+    fmt = doc.get("version")
+    if fmt not in _CONTEXTS or type(fmt) is not int or doc.get("algorithm") != "ed25519":
         raise SignatureError(f"{where}: unsupported signature version {doc.get('version')!r} / "
                              f"algorithm {doc.get('algorithm')!r}")
+    model_version = doc.get("model_version", 1) if fmt >= 2 else 1
+    if type(model_version) is not int or not 1 <= model_version <= MAX_MODEL_VERSION:
+        raise SignatureError(f"{where}: model_version must be a whole number from 1")
     fields: dict[str, Any] = {k: doc.get(k) for k in ("name", "sha256", "key_id", "signature")}
     if not all(isinstance(v, str) for v in fields.values()):
         raise SignatureError(f"{where}: signature file lacks name, sha256, key_id or signature")
@@ -152,7 +171,7 @@ def parse(data: bytes, *, where: str) -> Signature:
         raw = base64.b64decode(fields["signature"], validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError(f"{where}: signature is not base64") from None
-    return Signature(fields["name"], fields["sha256"].lower(), fields["key_id"], raw)
+    return Signature(fields["name"], fields["sha256"].lower(), fields["key_id"], raw, model_version, fmt)
 
 
 def read_signature(artifact: Path) -> Signature:
@@ -181,17 +200,18 @@ def check(signature: Signature, name: str, sha256_hex: str, public: Ed25519Publi
     if signature.key_id != expected_id:
         raise SignatureError(f"signed by another key (key id {signature.key_id}, trusted key is {expected_id})")
     try:
-        public.verify(signature.signature, message(name, sha256_hex))
+        public.verify(signature.signature, message(name, sha256_hex, signature.model_version, format=signature.format))
     except InvalidSignature:
         raise SignatureError("bad signature (the signature file was altered or made with another key)") from None
 
 
-def sign_file(artifact: Path, key: Ed25519PrivateKey, progress: Callable[[int], None] | None = None) -> Path:
+def sign_file(artifact: Path, key: Ed25519PrivateKey, progress: Callable[[int], None] | None = None,
+              model_version: int = 1) -> Path:
     with open(artifact, "rb") as f:
         digest = sha256_file(f, progress)
     out = signature_path(artifact)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(sign(artifact.name, digest, key))
+    tmp.write_bytes(sign(artifact.name, digest, key, model_version))
     os.replace(tmp, out)
     return out
 

@@ -54,7 +54,7 @@ log = logging.getLogger("maas.audit")
 FLUSH_INTERVAL_S = 0.2
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 KEYS = ("ts", "request_id", "subject", "roles", "model", "action", "decision", "rule", "quota", "status",
-        "latency_ms", "client", "bytes_in", "bytes_out", "seq", "prev")
+        "latency_ms", "client", "bytes_in", "bytes_out", "monitors", "seq", "prev")
 
 _second: list[Any] = [None, ""]  # [whole second, its formatted "YYYY-MM-DDTHH:MM:SS"]
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the ".mmmZ" tails, formatted once
@@ -178,6 +178,7 @@ class AuditLog:
             "client": ctx.request.peer,
             "bytes_in": ctx.bytes_in,
             "bytes_out": ctx.bytes_out,
+            "monitors": list(ctx.monitors),  # the monitors in alarm for this caller and model (issue 14)
         })
 
     def write(self, entry: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import orjson
 from cryptography import x509
@@ -257,8 +257,13 @@ class RemoteJwks:
     """Keys from a JWKS URL: cached, refreshed periodically and (rate-limited) on an unknown kid."""
 
     def __init__(self, url: str, metrics: Metrics, *, cache_s: float, min_refresh_s: float,
-                 timeout_s: float = JWKS_TIMEOUT_S, session: aiohttp.ClientSession | None = None) -> None:
+                 timeout_s: float = JWKS_TIMEOUT_S, session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.url = url
+        # The seam for tests (a fake clock instead of waiting out min_refresh_s / cache_s); read once per fetch.
+        self.clock = clock
+        self.sleep = sleep
         self.keyset: KeySet = EMPTY
         self._metrics = metrics
         self._cache_s = max(cache_s, min_refresh_s, 1.0)
@@ -266,7 +271,7 @@ class RemoteJwks:
         self._timeout_s = timeout_s
         self._session = session
         self._own_session = session is None
-        self._last_attempt = -math.inf  # monotonic time of the last fetch started
+        self._last_attempt = -math.inf  # self.clock() when the last fetch started
         self._inflight: asyncio.Future[bool] | None = None
         self._loader: asyncio.Task[None] | None = None
         self.fetches = 0  # fetches started (for tests and logs)
@@ -297,14 +302,14 @@ class RemoteJwks:
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
             return
-        if time.monotonic() - self._last_attempt < self._min_refresh_s:
+        if self.clock() - self._last_attempt < self._min_refresh_s:
             return
         await self.refresh()
 
     async def refresh(self) -> bool:
         """One fetch at a time: concurrent callers share the fetch in flight."""
         if self._inflight is None:
-            self._last_attempt = time.monotonic()
+            self._last_attempt = self.clock()
             self.fetches += 1
             task = asyncio.ensure_future(self._fetch())
             self._inflight = task
@@ -317,7 +322,7 @@ class RemoteJwks:
 
     async def _keep_fresh(self) -> None:
         while True:
-            await asyncio.sleep(self._cache_s if self.keyset.keys else self._min_refresh_s)
+            await self.sleep(self._cache_s if self.keyset.keys else self._min_refresh_s)
             await self.refresh()
 
     async def _fetch(self) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CliError
 from .store import LoadedPolicy, load_policy
 from .lint import lint
-from .testing import explain, format_explanation, load_cases, run_cases
+from .testing import check_request, describe_output, explain, format_explanation, load_cases, outputs_entry, run_cases
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +36,8 @@ def register(subparsers: Any) -> None:
                    help='token claims as JSON, e.g. \'{"sub": "alice", "roles": ["analyst"]}\'')
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--action", required=True, choices=["infer", "read"])
-    p.add_argument("--request", default="{}", help='request attributes as JSON: ip, mtls, hour (UTC), method, path')
+    p.add_argument("--request", default="{}", help='request attributes as JSON: ip, mtls, hour (UTC), method, path, '
+                   'params ({"logprobs": true, "batch": 64}), monitors (ids in alarm)')
     p.add_argument("--labels", default="{}", help="the model's labels as JSON, as in the gateway config")
     p.add_argument("--model-file", help="Casbin model (default: the bundled one)")
     p.set_defaults(func=cmd_explain)
@@ -82,11 +83,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     subject = _json_object(args.subject, "--subject")
     request = _json_object(args.request, "--request")
     labels = _json_object(args.labels, "--labels")
-    unknown = sorted(set(request) - {"ip", "mtls", "hour", "method", "path"})
-    if unknown:
-        raise CliError(f"--request: unknown attribute {unknown[0]!r} (known: hour, ip, method, mtls, path)")
+    problem = check_request(request)
+    if problem:
+        where, message = problem
+        name = where.split(".", 1)[1] if "." in where else where
+        if message.startswith("unknown request attribute"):
+            raise CliError(f"--request: unknown attribute {name!r} {message[len('unknown request attribute '):]}")
+        raise CliError(f"--request: {name}: {message}")
     for line in format_explanation(explain(loaded.enforcer, subject, args.model, args.action, request, labels)):
         print(line)
+    chosen = outputs_entry(loaded.enforcer, subject, args.model, request, labels)
+    if loaded.document.outputs:
+        print(f"outputs: {describe_output(*chosen) if chosen is not None else '(none: the full answer)'}")
     return 0
 
 

@@ -90,6 +90,8 @@ class CompiledPolicy:
     shadow_enforcer: casbin.Enforcer | None  # shadow rules; observes, never decides
     rules: Mapping[str, CompiledRule]
     model_file: Path
+    outputs_when: tuple[Condition | None, ...] = ()  # per ``outputs`` entry, its compiled ``when``
+    reads_monitors: bool = False  # some rule's condition reads monitor.*
     # cheap to recompute and few in steady state: emptied when full
     _role_memo: ClearWhenFull[tuple[str | None, frozenset[str]], tuple[str, ...]] = field(
         default_factory=lambda: ClearWhenFull(MAX_ROLE_MEMO), repr=False)
@@ -137,7 +139,41 @@ def compile_policy(document: PolicyDocument, model_file: Path | None = None) -> 
     links = [[child, parent] for child, parents in document.roles.items() for parent in parents]
     enforcer = _new_enforcer(path, model_text, _rows(ordered), links)
     shadow_enforcer = _new_enforcer(path, model_text, _rows(shadow), links) if shadow else None
-    return CompiledPolicy(document, enforcer, shadow_enforcer, MappingProxyType(compiled_rules), path)
+    outputs_when = compile_outputs(document)
+    monitor_ids = {m.id for m in document.monitors}
+    for c in compiled_rules.values():
+        _check_monitors(document, c.condition, monitor_ids, f"rules[{c.index}].when", c.rule.line)
+    for index, condition in enumerate(outputs_when):
+        _check_monitors(document, condition, monitor_ids, f"outputs[{index}].when", document.outputs[index].line)
+    reads_monitors = any(c.condition is not None and any(p[0] == "monitor" for p in c.condition.paths)
+                         for c in compiled_rules.values())
+    return CompiledPolicy(document, enforcer, shadow_enforcer, MappingProxyType(compiled_rules), path,
+                          outputs_when, reads_monitors)
+
+
+def compile_outputs(document: PolicyDocument) -> tuple[Condition | None, ...]:
+    """Each ``outputs`` entry's ``when``, compiled (``ConfigError`` with file:line on a bad one)."""
+    out: list[Condition | None] = []
+    for index, entry in enumerate(document.outputs):
+        if entry.when is None:
+            out.append(None)
+            continue
+        try:
+            out.append(compile_when(entry.when))
+        except WhenError as exc:
+            raise _error(document, f"outputs[{index}].when", f"when: {exc}", entry.line or None) from None
+    return tuple(out)
+
+
+def _check_monitors(document: PolicyDocument, condition: Condition | None, known: set[str], key: str,
+                    line: int) -> None:
+    """``monitor.ID`` must name a monitor of this policy (a typo would read as "never in alarm")."""
+    if condition is None:
+        return
+    for p in sorted(condition.paths):
+        if p[0] == "monitor" and p[1] not in known:
+            names = ", ".join(sorted(known)) or "none defined"
+            raise _error(document, key, f"unknown monitor {p[1]!r} (monitors: {names})", line or None)
 
 
 def _rows(rules: Iterable[CompiledRule]) -> list[list[str]]:

@@ -163,30 +163,39 @@ class PolicyEnforcer:
         return self.compiled.document
 
     def decide(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
-               labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Decision:
-        return self._decide(subject, roles, claims, model, labels, action, request)[0]
+               labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any],
+               monitor: Mapping[str, bool] | None = None) -> Decision:
+        return self._decide(subject, roles, claims, model, labels, action, request, monitor)[0]
 
     def decide_for(self, identity: Identity, model: str, labels: Mapping[str, Any] | None, action: str,
-                   request: Callable[[], Mapping[str, Any]]) -> Decision:
-        """``decide`` for an authenticated caller; ``request`` builds the request attributes only when needed."""
+                   request: Callable[[], Mapping[str, Any]], monitor: Mapping[str, bool] | None = None) -> Decision:
+        """``decide`` for an authenticated caller; ``request`` builds the request attributes only when needed.
+
+        ``monitor``: the monitors in alarm for this caller and model (``Alarms``).
+        When the policy's rules read monitors the memo is keyed by the alarm state
+        as well (the alarm changes, the identity does not).
+        """
         cache_key = identity.cache_key
+        # a policy that reads monitors memoises per alarm state too: the alarms are all a monitor read can see
+        memo_action = action if not self.compiled.reads_monitors or not monitor else f"{action}|{'|'.join(monitor)}"
         if cache_key is not None:
-            memo = self._by_identity.get((cache_key, model, action))
+            memo = self._by_identity.get((cache_key, model, memo_action))
             if memo is not None and (memo[0] is identity or memo[0] == identity):
                 if self._hit is not None:
                     self._hit.inc()
                 return memo[1]
         decision, cacheable = self._decide(identity.subject, identity.roles, identity.claims or {}, model, labels,
-                                           action, request())
+                                           action, request(), monitor)
         if cacheable and cache_key is not None:
-            self._by_identity[(cache_key, model, action)] = (identity, decision)
+            self._by_identity[(cache_key, model, memo_action)] = (identity, decision)
         return decision
 
     def _decide(self, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
-                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> tuple[Decision, bool]:
-        """The decision and whether it may be reused (it read no ``request.*`` attribute)."""
+                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any],
+                monitor: Mapping[str, bool] | None = None) -> tuple[Decision, bool]:
+        """The decision and whether it may be reused: it read no ``request.*`` attribute."""
         effective = self.compiled.effective_roles(subject, roles)
-        facts = make_facts(subject, roles, claims, model, labels, request)
+        facts = make_facts(subject, roles, claims, model, labels, request, monitor)
         base = (effective, model, action)
         found = self.cache.get(base, facts)
         if found is not None:
@@ -201,10 +210,11 @@ class PolicyEnforcer:
         return decision, not facts.read_request
 
     def explain(self, *, subject: str, roles: Any, claims: Mapping[str, Any], model: str,
-                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any]) -> Explanation:
+                labels: Mapping[str, Any] | None, action: str, request: Mapping[str, Any],
+                monitor: Mapping[str, bool] | None = None) -> Explanation:
         """The uncached decision plus each reached rule's condition outcome and what was read."""
         effective = self.compiled.effective_roles(subject, roles)
-        facts = make_facts(subject, roles, claims, model, labels, request)
+        facts = make_facts(subject, roles, claims, model, labels, request, monitor)
         decision, evaluation = self._evaluate(effective, model, action, facts)
         return Explanation(decision, dict(evaluation.outcomes), dict(facts.reads), not facts.read_request)
 
@@ -230,12 +240,13 @@ class PolicyEnforcer:
 
 
 def make_facts(subject: str, roles: Any, claims: Mapping[str, Any], model: str,
-               labels: Mapping[str, Any] | None, request: Mapping[str, Any]) -> Facts:
-    """The ``subject``/``model``/``request`` views a condition reads; claims are not copied when complete."""
+               labels: Mapping[str, Any] | None, request: Mapping[str, Any],
+               monitor: Mapping[str, bool] | None = None) -> Facts:
+    """The ``subject``/``model``/``request``/``monitor`` views a condition reads; claims are not copied when complete."""
     if claims.get("sub") != subject or "roles" not in claims:
         token_roles = list(roles) if isinstance(roles, (list, tuple)) else roles
         claims = {**claims, "sub": subject, "roles": claims.get("roles", token_roles)}
-    return Facts(claims, {"name": model, "labels": labels or {}}, request)
+    return Facts(claims, {"name": model, "labels": labels or {}}, request, monitor)
 
 
 def truth_name(value: Truth) -> str:

@@ -39,6 +39,37 @@ class _Missing:
 
 
 UNKNOWN: Any = _Unknown()
+
+
+class Alarms(Mapping[str, bool]):
+    """``monitor.*``: True for each monitor id in alarm, False for any other id (never missing).
+
+    Which ids exist is checked when the policy compiles; here every name reads
+    as a boolean, so a monitor condition is never unknown.
+    """
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: Any = ()) -> None:
+        self._ids = frozenset(ids)
+
+    def __getitem__(self, name: str) -> bool:
+        return name in self._ids
+
+    def get(self, name: str, default: Any = None) -> bool:  # type: ignore[override]
+        return name in self._ids
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"Alarms({sorted(self._ids)!r})"
+
+
+_NO_MONITORS: Mapping[str, bool] = Alarms()
 MISSING: Any = _Missing()
 Truth = Any  # True | False | UNKNOWN
 
@@ -75,6 +106,9 @@ def value_token(value: Any) -> tuple[Any, ...]:
         return ("num", value)
     if value is MISSING:
         return ("missing",)
+    if cls is list or cls is tuple:  # 'x' in LIST reads the members: lists of scalars are told apart by them
+        items = tuple(value_token(v) for v in value)
+        return ("list", items) if all(t[0] in ("str", "num", "bool", "none") for t in items) else ("other",)
     kind = kind_of(value)
     if kind == "other":
         return ("other",)
@@ -91,15 +125,24 @@ class Facts:
     """What a condition may read for one request: subject claims, model, request attributes.
 
     ``reads`` records every path read, with its value token, in the order read;
-    ``read_request`` says whether any ``request.*`` attribute was read.
+    ``read_request`` says whether any ``request.*`` attribute was read;
+    ``read_monitor`` whether any ``monitor.*`` was (a monitor's alarm changes
+    without the caller's identity changing: the enforcer's identity memo keys
+    on the alarm state when the policy's rules read monitors).
+
+    ``monitor`` maps every monitor id of the policy to True (in alarm for this
+    caller and model) or False: a monitor is never unknown.
     """
 
-    __slots__ = ("roots", "reads", "read_request")
+    __slots__ = ("roots", "reads", "read_request", "read_monitor")
 
-    def __init__(self, subject: Mapping[str, Any], model: Mapping[str, Any], request: Mapping[str, Any]) -> None:
-        self.roots: dict[str, Mapping[str, Any]] = {"subject": subject, "model": model, "request": request}
+    def __init__(self, subject: Mapping[str, Any], model: Mapping[str, Any], request: Mapping[str, Any],
+                 monitor: Mapping[str, bool] | None = None) -> None:
+        self.roots: dict[str, Mapping[str, Any]] = {"subject": subject, "model": model, "request": request,
+                                                    "monitor": monitor if monitor is not None else _NO_MONITORS}
         self.reads: dict[Path, tuple[Any, ...]] = {}
         self.read_request = False
+        self.read_monitor = False
 
     def lookup(self, path: Path) -> Any:
         """The value at ``path`` or ``MISSING``; records nothing."""
@@ -119,6 +162,8 @@ class Facts:
             self.reads[path] = value_token(value)
             if path[0] == "request":
                 self.read_request = True
+            elif path[0] == "monitor":
+                self.read_monitor = True
         return value
 
     def __repr__(self) -> str:  # never print claims (Casbin's request log calls str() on every argument)
@@ -158,6 +203,15 @@ def member(value: Any, members: tuple[tuple[str, Any], ...], negate: bool) -> Tr
     if kind == "other":
         return UNKNOWN
     found = any(k == kind and v == value for k, v in members)
+    return not found if negate else found
+
+
+def contains(listing: Any, needle: Any, negate: bool) -> Truth:
+    """``'literal' in LIST_ATTRIBUTE``: unknown when the attribute is absent or not a list."""
+    if listing is MISSING or not isinstance(listing, (list, tuple)):
+        return UNKNOWN
+    kind = kind_of(needle)
+    found = any(kind_of(v) == kind and v == needle for v in listing)
     return not found if negate else found
 
 

@@ -10,8 +10,10 @@ WHY a hand-checked subset of Python rather than ``eval`` or simpleeval: a policy
 file must never be a way to run code in the gateway, and a missing claim must
 never open a door. So the text is parsed with ``ast`` in ``eval`` mode and only a
 white-list of node types survives (boolean logic, comparisons, ``in`` on a
-literal list, literals, attribute chains rooted at ``subject``, ``model`` or
-``request``). Everything is compiled to closures once, when the policy loads;
+literal list or ``'literal' in LIST_ATTRIBUTE``, literals, attribute chains rooted
+at ``subject``, ``model``, ``request`` (``request.params.NAME`` for the names of
+``gateway.request_params``) or ``monitor`` (``monitor.ID``: true/false, never unknown;
+which ids exist is checked by the compiler against the policy's ``monitors``)). Everything is compiled to closures once, when the policy loads;
 the request path never parses anything.
 
 Three-valued logic (Kleene): a condition evaluates to ``True``, ``False`` or
@@ -42,9 +44,11 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
-from .truth import MISSING, UNKNOWN, Facts, Path, Truth, and_, compare, kind_of, member, not_, or_, present, truth
+from ..request_params import PARAM_NAMES
+from .truth import (MISSING, UNKNOWN, Facts, Path, Truth, and_, compare, contains, kind_of, member, not_, or_, present,
+                    truth)
 
-ROOTS = ("subject", "model", "request")
+ROOTS = ("subject", "model", "request", "monitor")
 REQUEST_ATTRIBUTES = frozenset({"ip", "mtls", "hour", "method", "path"})
 MODEL_ATTRIBUTES = frozenset({"name", "labels"})
 MAX_LENGTH = 1000  # characters in one condition
@@ -255,19 +259,25 @@ class _Compiler:
             names.append(current.attr)
             current = current.value
         if isinstance(current, ast.Name) and current.id not in ROOTS:
-            raise WhenError(f"unknown name {current.id!r}: only subject.*, model.* and request.* can be read")
+            raise WhenError(f"unknown name {current.id!r}: only subject.*, model.*, request.* and monitor.* can be read")
         if not isinstance(current, ast.Name):
-            raise WhenError("attribute access is only allowed on subject, model and request")
+            raise WhenError("attribute access is only allowed on subject, model, request and monitor")
         path: Path = (current.id, *reversed(names))
         if len(path) > MAX_CHAIN:
             raise WhenError(f"attribute chain longer than {MAX_CHAIN} names")
         root, first = path[0], path[1]
-        if root == "request" and (first not in REQUEST_ATTRIBUTES or len(path) != 2):
+        if root == "request" and first == "params":
+            if len(path) != 3 or path[2] not in PARAM_NAMES:
+                raise WhenError(f"unknown attribute request.{'.'.join(path[1:])} "
+                                f"(request.params has: {', '.join(sorted(PARAM_NAMES))})")
+        elif root == "request" and (first not in REQUEST_ATTRIBUTES or len(path) != 2):
             raise WhenError(f"unknown attribute request.{'.'.join(path[1:])} "
                             f"(request has: {', '.join(sorted(REQUEST_ATTRIBUTES))})")
         if root == "model" and (first not in MODEL_ATTRIBUTES or (first == "name" and len(path) != 2)
                                 or (first == "labels" and len(path) > 3)):
             raise WhenError(f"unknown attribute model.{'.'.join(path[1:])} (model has: name, labels.<label>)")
+        if root == "monitor" and len(path) != 2:
+            raise WhenError("a monitor is read by its id alone, as in: monitor.digits_extraction")
         self.paths.add(path)
         return path
 
@@ -276,8 +286,15 @@ class _Compiler:
             if len(node.ops) != 1:
                 raise WhenError("`in` cannot be chained with other comparisons; use and")
             target = node.comparators[0]
+            if isinstance(target, ast.Attribute) and isinstance(node.left, (ast.Constant, ast.UnaryOp)):
+                # 'literal' in LIST_ATTRIBUTE: e.g. 'web_search' in request.params.tools, 'admin' in subject.roles
+                needle = self.literal(node.left)
+                listing = self.path(target)
+                negate_list = isinstance(node.ops[0], ast.NotIn)
+                return lambda f: contains(f.read(listing), needle, negate_list)
             if not isinstance(target, (ast.List, ast.Tuple)):
-                raise WhenError("`in` needs a literal list on its right, as in: x in ['a', 'b']")
+                raise WhenError("`in` needs a literal list on its right, as in: x in ['a', 'b'], "
+                                "or a literal on its left, as in: 'admin' in subject.roles")
             if len(target.elts) > MAX_NODES:
                 raise WhenError("literal list too long")
             members = tuple((kind_of(v), v) for v in (self.literal(e) for e in target.elts))

@@ -35,10 +35,11 @@ class LiveSlots:
     stays released). It raises ``StoreError`` when the store cannot answer.
     """
 
-    __slots__ = ("_slots", "_count", "_refresh", "_interval", "_retry", "_task", "_closing")
+    __slots__ = ("_slots", "_count", "_refresh", "_interval", "_retry", "_task", "_closing", "_sleep")
 
     def __init__(self, ttl_s: float, refresh: Callable[[Snapshot], Awaitable[object]], *,
-                 retry_s: float = 1.0) -> None:
+                 retry_s: float = 1.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._sleep = sleep  # the seam for tests: a fake clock's sleep instead of waiting out the interval
         self._slots: dict[str, set[str]] = {}
         self._count = 0
         self._refresh = refresh
@@ -85,7 +86,7 @@ class LiveSlots:
     async def _loop(self) -> None:
         delay = self._interval
         while not self._closing:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             delay = self._interval
             if not self._slots:
                 continue

@@ -58,6 +58,9 @@ def _limits(rule: QuotaRule) -> Limits:
         burst=int(rule.burst or 0),
         max_concurrent=int(rule.max_concurrent or 0),
         tokens_per_minute=int(rule.tokens_per_minute or 0),
+        per_day=int(rule.per_day or 0),
+        per_month=int(rule.per_month or 0),
+        rows=rule.cost == "rows",
     )
 
 

@@ -16,9 +16,10 @@ replica can die holding slots that other replicas count.
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..cache import Lru
 from .store import Limits, Verdict
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 MAX_BUCKETS = 100_000  # per kind (rate, tokens): ~100 bytes each
+
+
+def calendar(wall_ms: float) -> tuple[int, float, int, float]:
+    """(UTC day number, its end in ms, month id = year * 12 + month - 1, its end in ms) at ``wall_ms``."""
+    today = int(wall_ms // 86_400_000)
+    day = datetime.datetime.fromtimestamp(today * 86400, datetime.timezone.utc)
+    year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
+    month_end = datetime.datetime(year, month, 1, tzinfo=datetime.timezone.utc).timestamp() * 1000.0
+    return today, (today + 1) * 86_400_000.0, day.year * 12 + day.month - 1, month_end
 
 
 class _Buckets:
@@ -53,9 +63,16 @@ class _Buckets:
 class MemoryStore:
     """Same contract as ``RedisStore``; never fails, so it is always ready."""
 
-    def __init__(self, metrics: Metrics | None = None, *, max_buckets: int = MAX_BUCKETS) -> None:
+    def __init__(self, metrics: Metrics | None = None, *, max_buckets: int = MAX_BUCKETS,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # seconds; the seam for tests (a fake clock instead of waiting for a refill)
         self._rate = _Buckets(max_buckets)
         self._tokens = _Buckets(max_buckets)
+        # per-day / per-month totals: bucket id -> (window id, units used in it); calendar windows read the wall
+        # clock (``wall``, seconds since the epoch: UTC days and months), never the monotonic one
+        self._wall = wall
+        self._days: Lru[str, tuple[int, int]] = Lru(max_buckets)
+        self._months: Lru[str, tuple[int, int]] = Lru(max_buckets)
         self._inflight: dict[str, set[str]] = {}  # bucket id -> slots held; bounded by requests in flight
         if metrics is not None:
             metrics.quota_store_up.set(1)
@@ -69,14 +86,28 @@ class MemoryStore:
     def ready(self) -> str | None:
         return None
 
-    @staticmethod
-    def _now() -> float:
-        return time.monotonic() * 1000.0
+    def _now(self) -> float:
+        return self._clock() * 1000.0
 
-    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
+    @staticmethod
+    def _used(totals: Lru[str, tuple[int, int]], bucket: str, window: int) -> int:
+        got = totals.peek(bucket)
+        return got[1] if got is not None and got[0] == window else 0
+
+    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int, units: int = 1) -> Verdict:
         now = self._now()
+        units = max(1, units)
         rate, burst, maxc, tpm = limits.rate_per_s, limits.burst, limits.max_concurrent, limits.tokens_per_minute
+        pday, pmonth = limits.per_day, limits.per_month
         rate_ms, tok_ms = rate / 1000.0, tpm / 60000.0
+        wall = self._wall() * 1000.0
+        today, day_end, month_id, month_end = calendar(wall)
+        dused = self._used(self._days, bucket, today) if pday > 0 else 0
+        mused = self._used(self._months, bucket, month_id) if pmonth > 0 else 0
+        if pday > 0 and dused + units > pday:  # a spent calendar window decides first (acquire.lua does the same)
+            return Verdict.from_ms(False, 4, max(0, pday - dused), day_end - wall, day_end - wall)
+        if pmonth > 0 and mused + units > pmonth:
+            return Verdict.from_ms(False, 5, max(0, pmonth - mused), month_end - wall, month_end - wall)
         rtokens = self._rate.level(bucket, burst, rate_ms, now) if rate > 0 else 0.0
         ttokens = self._tokens.level(bucket, tpm, tok_ms, now) if tpm > 0 else 0.0
         held = self._inflight.get(bucket)
@@ -87,10 +118,16 @@ class MemoryStore:
                 return Verdict.from_ms(allowed, reason, math.floor(rtokens), math.ceil((burst - rtokens) / rate_ms), retry_ms)
             if tpm > 0:
                 return Verdict.from_ms(allowed, reason, max(0, math.floor(ttokens)), math.ceil((tpm - ttokens) / tok_ms), retry_ms)
-            return Verdict.from_ms(allowed, reason, max(0, maxc - inflight), 0, retry_ms)
+            if maxc > 0:
+                return Verdict.from_ms(allowed, reason, max(0, maxc - inflight), 0, retry_ms)
+            if pday > 0:
+                return Verdict.from_ms(allowed, reason, max(0, pday - dused), day_end - wall, retry_ms)
+            return Verdict.from_ms(allowed, reason, max(0, pmonth - mused), month_end - wall, retry_ms)
 
-        if rate > 0 and rtokens < 1:
-            return headline(False, 1, math.ceil((1 - rtokens) / rate_ms))
+        if rate > 0 and rtokens < units:
+            if units > burst:  # more rows than the burst: never admissible
+                return headline(False, 1, math.ceil(burst / rate_ms))
+            return headline(False, 1, math.ceil((units - rtokens) / rate_ms))
         if maxc > 0 and inflight >= maxc:
             return headline(False, 2, 1000)
         if tpm > 0 and ttokens < cost:
@@ -99,8 +136,14 @@ class MemoryStore:
             return headline(False, 3, math.ceil((cost - ttokens) / tok_ms))
 
         if rate > 0:
-            rtokens -= 1
+            rtokens -= units
             self._rate.store(bucket, rtokens, now)
+        if pday > 0:
+            dused += units
+            self._days.put(bucket, (today, dused))
+        if pmonth > 0:
+            mused += units
+            self._months.put(bucket, (month_id, mused))
         if maxc > 0:
             self._inflight.setdefault(bucket, set()).add(slot)
             inflight += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..cache import ClearWhenFull
 from .store import Limits, Verdict
@@ -26,7 +27,7 @@ class Lease:
     """Rate tokens this replica took from a bucket ahead of use (see ``lease_size``)."""
 
     tokens: int  # left to hand out
-    expires: float  # time.monotonic(); unspent tokens are dropped then (never returned)
+    expires: float  # on the Leases' clock (time.monotonic); unspent tokens are dropped then (never returned)
     remaining: int  # the bucket's whole tokens in Redis when granted (for RateLimit-Remaining)
     reset_s: int
 
@@ -48,9 +49,10 @@ def lease_size(limits: Limits) -> int:
 class Leases:
     """This replica's unspent allowances, by bucket, and the buckets asking Redis for one."""
 
-    __slots__ = ("_leases", "_asking")
+    __slots__ = ("_leases", "_asking", "_clock")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # the seam for tests: a fake clock instead of waiting out LEASE_WINDOW_S
         self._leases: ClearWhenFull[str, Lease] = ClearWhenFull(MAX_LEASES)
         self._asking: set[str] = set()  # one allowance request in flight per bucket; the others ask for 1
 
@@ -60,7 +62,7 @@ class Leases:
         if size <= 1:
             return None, 1
         lease = self._leases.get(bucket)
-        if lease is not None and lease.tokens > 0 and time.monotonic() < lease.expires:
+        if lease is not None and lease.tokens > 0 and self._clock() < lease.expires:
             lease.tokens -= 1  # admitted from this replica's allowance: no round trip
             return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0), 1
         return None, (1 if bucket in self._asking else size)
@@ -76,6 +78,6 @@ class Leases:
         """Keep what ``acquire.lua`` granted beyond this request's token; the verdict, if it got more than one."""
         if reply[0] <= 1:
             return None
-        lease = self._leases[bucket] = Lease(reply[0] - 1, time.monotonic() + LEASE_WINDOW_S, reply[2],
+        lease = self._leases[bucket] = Lease(reply[0] - 1, self._clock() + LEASE_WINDOW_S, reply[2],
                                              math.ceil(reply[3] / 1000))
         return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0)

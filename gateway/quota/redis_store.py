@@ -36,7 +36,7 @@ import functools
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -73,10 +73,13 @@ class RedisStore:
     """
 
     def __init__(self, config: QuotaConfig, metrics: Metrics | None = None, *, client: Any = None,
-                 slot_ttl_s: float = SLOT_TTL_S) -> None:
+                 slot_ttl_s: float = SLOT_TTL_S, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        # clock and sleep: the seam for tests (lease windows and slot refreshes on a fake clock); Redis keeps
+        # its own time (TIME) for buckets and slot expiry, which no fake clock moves.
         self._config = config
         self._slot_ttl_ms = str(max(1, int(slot_ttl_s * 1000)))
-        self._live = LiveSlots(slot_ttl_s, self.refresh_slots)
+        self._live = LiveSlots(slot_ttl_s, self.refresh_slots, sleep=sleep)
         self._metrics = metrics
         self._timeout = config.timeout_ms / 1000
         self._prefix = config.key_prefix
@@ -87,8 +90,8 @@ class RedisStore:
         self._batcher = Batcher(self._exchange, self._repairs, timeout_s=self._timeout,
                                 batch_max=self._batch_max, late=self._late)
         self._limit_args: ClearWhenFull[Limits, str] = ClearWhenFull(10_000)  # wire form of each distinct limit
-        self._keys: ClearWhenFull[str, tuple[str, str, str]] = ClearWhenFull(100_000)  # Redis keys of each bucket
-        self._leases = Leases()  # this replica's unspent allowances of busy rate-only buckets
+        self._keys: ClearWhenFull[str, tuple[str, str, str, str, str]] = ClearWhenFull(100_000)  # Redis keys of each bucket
+        self._leases = Leases(clock)  # this replica's unspent allowances of busy rate-only buckets
         self._failures = 0  # consecutive
         self._fail_fast_until = 0.0
         self._last_error: str | None = "not checked yet"
@@ -121,6 +124,19 @@ class RedisStore:
         with contextlib.suppress(Exception):
             await self._client.aclose()
 
+    @property
+    def client(self) -> Any:
+        """The Redis client, shared with the monitors (``gateway.monitors``): one connection pool."""
+        return self._client
+
+    @property
+    def config(self) -> QuotaConfig:
+        return self._config
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._batch_max == 1
+
     def ready(self) -> str | None:
         if self._last_error is None:
             return None
@@ -132,17 +148,18 @@ class RedisStore:
 
     # ---- the two operations
 
-    def keys(self, bucket: str) -> tuple[str, str, str]:
-        """Rate bucket, in-flight slots, token budget: one hash tag, so one Cluster slot."""
+    def keys(self, bucket: str) -> tuple[str, str, str, str, str]:
+        """Rate bucket, in-flight slots, token budget, day and month totals: one hash tag, so one Cluster slot."""
         keys = self._keys.get(bucket)
         if keys is None:
             p = self._prefix
-            keys = self._keys.put(bucket, (f"{p}tb:{{{bucket}}}", f"{p}cc:{{{bucket}}}", f"{p}tk:{{{bucket}}}"))
+            keys = self._keys.put(bucket, (f"{p}tb:{{{bucket}}}", f"{p}cc:{{{bucket}}}", f"{p}tk:{{{bucket}}}",
+                                           f"{p}pd:{{{bucket}}}", f"{p}pm:{{{bucket}}}"))
         return keys
 
-    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
+    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int, units: int = 1) -> Verdict:
         want = 1
-        if limits.rate_per_s and not limits.needs_release:
+        if limits.rate_per_s and not limits.needs_release and not limits.totals and units == 1:
             verdict, want = self._leases.spend(bucket, limits)
             if verdict is not None:  # admitted from this replica's allowance: no round trip
                 return verdict
@@ -150,18 +167,18 @@ class RedisStore:
         wire = self._limit_args.get(limits)
         if wire is None:
             wire = self._limit_args[limits] = (f"{limits.rate_per_s!r} {limits.burst} {limits.max_concurrent} "
-                                               f"{limits.tokens_per_minute}")
+                                               f"{limits.tokens_per_minute} {limits.per_day} {limits.per_month}")
         if want > 1:
             self._leases.asking(bucket)
             try:
-                r = await self._submit(ACQUIRE, keys, (wire, slot, cost, want), None)
+                r = await self._submit(ACQUIRE, keys, (wire, slot, cost, want, 1), None)
             finally:
                 self._leases.done(bucket)
             verdict = self._leases.grant(bucket, r)
             if verdict is not None:
                 return verdict
         else:
-            r = await self._submit(ACQUIRE, keys, (wire, slot, cost, 1),
+            r = await self._submit(ACQUIRE, keys, (wire, slot, cost, 1, max(1, units)),
                                    (keys[1], slot) if limits.max_concurrent else None)
             if r[0] >= 1 and limits.max_concurrent:
                 self._live.add(keys[1], slot)  # kept alive until released (see LiveSlots)
@@ -174,6 +191,22 @@ class RedisStore:
             self._live.discard(keys[1], slot)  # even if the release fails: a repair or the TTL frees it
         await self._submit(RELEASE, (keys[1], keys[2]), (held, limits.tokens_per_minute, refund),
                            (keys[1], slot) if held else None)
+
+    # ---- response-id ownership (gateway.llm.ownership): one plain key per id, global across replicas
+
+    async def claim_owner(self, key: str, value: str, ttl_s: int) -> bool:
+        """``SET NX EX``: record ``value`` unless ``key`` holds a record; True when it now holds ``value``."""
+        name = f"{self._prefix}own:{{{key}}}"
+        if await self._call(functools.partial(self._client.set, name, value, nx=True, ex=max(1, int(ttl_s)))):
+            return True
+        held = await self._call(functools.partial(self._client.get, name))
+        return _text(held) == value
+
+    async def owner_of(self, key: str) -> str | None:
+        return _text(await self._call(functools.partial(self._client.get, f"{self._prefix}own:{{{key}}}")))
+
+    async def forget_owner(self, key: str) -> None:
+        await self._call(functools.partial(self._client.delete, f"{self._prefix}own:{{{key}}}"))
 
     async def refresh_slots(self, live: Snapshot) -> None:
         """Push the expiry of every slot in ``live`` to now + TTL; slots already released stay released.
@@ -329,3 +362,9 @@ class RedisStore:
                 pass
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
+
+def _text(value: Any) -> str | None:
+    """A Redis reply as text (the client may or may not decode replies)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None

@@ -1,8 +1,9 @@
 """The quota store contract, shared by the Redis and the in-memory store.
 
-A store keeps three kinds of state per bucket (one quota entry, one subject,
+A store keeps five kinds of state per bucket (one quota entry, one subject,
 one model): a request-rate token bucket, the in-flight slots of
-``max_concurrent``, and an LLM token budget. ``acquire`` checks every limit an
+``max_concurrent``, an LLM token budget, and the per-day and per-month totals
+(UTC calendar windows). ``acquire`` checks every limit an
 entry sets and takes from all of them, or from none (a request refused for
 concurrency does not spend a rate token); ``release`` gives back the slot and
 reconciles the token reservation. Both stores implement exactly the same
@@ -31,7 +32,7 @@ from typing import Protocol
 SLOT_TTL_S = 600.0
 
 # Reasons a request is refused; also the ``reason`` label of maas_quota_rejections_total.
-REASONS = ("ok", "rate", "concurrency", "tokens")
+REASONS = ("ok", "rate", "concurrency", "tokens", "day", "month")
 
 _MAX_PART = 128  # longer subject/model/entry names are hashed to keep keys short
 _ESCAPE = re.compile(r"[%:{}~]")
@@ -49,11 +50,26 @@ class Limits:
     burst: int = 0
     max_concurrent: int = 0
     tokens_per_minute: int = 0
+    per_day: int = 0  # total units per UTC calendar day
+    per_month: int = 0  # total units per UTC calendar month
+    rows: bool = False  # cost: rows (a v2 request costs its batch size in the bucket and the totals)
 
     @property
     def headline(self) -> int:
-        """The ``RateLimit-Limit`` value: burst, else the token budget, else the slot count."""
-        return self.burst or self.tokens_per_minute or self.max_concurrent
+        """The ``RateLimit-Limit`` value: burst, else the token budget, else the slot count, else a total."""
+        return self.burst or self.tokens_per_minute or self.max_concurrent or self.per_day or self.per_month
+
+    def limit_of(self, reason: str) -> int:
+        """The ``RateLimit-Limit`` of the limit that refused (``reason``), else the headline."""
+        if reason == "day":
+            return self.per_day
+        if reason == "month":
+            return self.per_month
+        return self.headline
+
+    @property
+    def totals(self) -> bool:
+        return bool(self.per_day or self.per_month)
 
     @property
     def needs_release(self) -> bool:
@@ -109,8 +125,9 @@ class QuotaStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int) -> Verdict:
-        """Admit one request: take a rate token, an in-flight ``slot`` and ``cost`` LLM tokens, all or nothing."""
+    async def acquire(self, bucket: str, limits: Limits, slot: str, cost: int, units: int = 1) -> Verdict:
+        """Admit one request: take ``units`` rate tokens (and as much of the day/month totals), an in-flight
+        ``slot`` and ``cost`` LLM tokens, all or nothing."""
         ...
 
     async def release(self, bucket: str, limits: Limits, slot: str, refund: int) -> None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Headers a request may carry once. Authenticate reads the credentials with ``get``: this stage has refused a second.
 SINGLETON_HEADERS = ("Authorization", "X-API-Key", "Content-Length", "Content-Type", "Host",
-                     "Transfer-Encoding", "X-Request-ID")
+                     "Transfer-Encoding", "X-Request-ID", "Inference-Header-Content-Length")
 _NONE: tuple[str, ...] = ()
 
 
@@ -48,4 +48,6 @@ class Framing:
 
 
 def build(services: Services) -> Framing:
-    return Framing(services.config.server.max_body_bytes)
+    # a model's own max_body_bytes (audio uploads) may be larger: the body stage holds each route to its own
+    limits = [m.max_body_bytes for m in services.config.models.values() if m.max_body_bytes is not None]
+    return Framing(max([services.config.server.max_body_bytes, *limits]))

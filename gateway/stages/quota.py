@@ -12,11 +12,17 @@ It writes ``ctx.quota`` for the audit line:
 * ``store_error`` the store failed and ``on_store_error: allow`` let the request through;
 * ``error``       the store failed and ``on_store_error: deny`` answered 503.
 
+An entry with ``cost: rows`` charges a v2 infer request its batch size (``request.params.batch``: the
+largest first dimension of its inputs) in the rate bucket and in its ``per_day``/``per_month`` totals
+(UTC calendar windows, counted in the same store call); what extraction leaks is rows, not requests.
+
 Every quota-governed answer, admitted or refused, carries ``RateLimit-Limit``
 (the bucket's burst), ``RateLimit-Remaining`` (whole tokens left) and
 ``RateLimit-Reset`` (whole seconds until the bucket is full). For an entry
 with no ``rate_per_s`` the headers describe its token budget, else its
-``max_concurrent`` slots (with ``RateLimit-Reset: 0``).
+``max_concurrent`` slots (with ``RateLimit-Reset: 0``), else its day/month total. A refusal by a spent
+day or month describes that window: its limit, what is left of it, and ``Retry-After`` = ``RateLimit-Reset``
+= the seconds to the window's end.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from typing import TYPE_CHECKING
 from ..cache import ClearWhenFull
 from ..errors import RateLimited, Unavailable
 from ..pipeline import RouteKind
+from ..llm.surfaces import surface_for
 from ..quota import llm_tokens
 from ..quota.concurrency import Hold, new_slot_id
 from ..quota.matching import MatcherCache
 from ..quota.store import Limits, QuotaStore, StoreError, bucket_id
 from ..quota.stores import open_store
+from .authorize import request_params
 
 if TYPE_CHECKING:
     from ..config import QuotaConfig
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
     from ..services import PolicySource, Services
 
 
+_LLM_KINDS = frozenset({RouteKind.OPENAI, RouteKind.OLLAMA})
 BUCKET_CACHE_SIZE = 100_000  # escaped bucket ids kept (cleared when full)
 
 
@@ -96,14 +105,24 @@ class Quota:
         cost = 0
         if limits.tokens_per_minute:
             route = ctx.route
-            if route is not None and route.kind is RouteKind.OPENAI:
+            surface = surface_for(ctx.path) if route is not None and route.kind in _LLM_KINDS else None
+            if surface is not None:  # every LLM API family estimates its own way (gateway.llm.surfaces)
+                cap = ctx.model.max_tokens if ctx.model is not None else None
+                cost = surface.estimate(ctx.json, self.config.default_tokens_per_request, cap)
+            elif route is not None and route.kind is RouteKind.OPENAI:
                 cap = ctx.model.max_tokens if ctx.model is not None else None
                 _, cost = llm_tokens.estimate(ctx.json, ctx.path, self.config.default_tokens_per_request, cap)
-            else:  # token budgets govern OpenAI-style calls only
+            else:  # token budgets govern LLM calls only
                 limits = _without_tokens(limits)
-                if not (limits.burst or limits.max_concurrent):
+                if not (limits.burst or limits.max_concurrent or limits.totals):
                     ctx.quota = "none"
                     return
+
+        units = 1
+        if limits.rows:  # cost: rows: a v2 request costs its batch size (what an extraction attack spends)
+            route = ctx.route
+            if route is not None and route.kind is RouteKind.V2_INFER:
+                units = max(1, int(request_params(ctx).get("batch") or 1))
 
         bucket_key = (entry.id, identity.subject, model)
         bucket = self._buckets.get(bucket_key)
@@ -111,7 +130,7 @@ class Quota:
             bucket = self._buckets.put(bucket_key, bucket_id(entry.id, identity.subject, model))
         slot = new_slot_id() if limits.needs_release else ""
         try:
-            verdict = await self.store.acquire(bucket, limits, slot, cost)
+            verdict = await self.store.acquire(bucket, limits, slot, cost, units)
         except StoreError as exc:
             self.metrics.quota_store_errors.inc()
             if self._deny:
@@ -121,7 +140,7 @@ class Quota:
             return
 
         headers = {
-            "RateLimit-Limit": str(limits.headline),
+            "RateLimit-Limit": str(limits.limit_of(verdict.reason)),  # a refusal: the limit that refused
             "RateLimit-Remaining": str(verdict.remaining),
             "RateLimit-Reset": str(verdict.reset_s),
         }
@@ -149,6 +168,8 @@ _MESSAGES = {
     "rate": "rate limit exceeded",
     "concurrency": "too many concurrent requests",
     "tokens": "token budget exceeded",
+    "day": "daily quota exhausted",
+    "month": "monthly quota exhausted",
 }
 
 

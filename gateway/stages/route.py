@@ -7,8 +7,11 @@ Two steps of one idea, run in this order by the pipeline:
   one with another method 405. It runs after authentication so that nobody
   learns which models exist without credentials.
 * ``Model`` (after body): the model the request is for: the one its path names,
-  or, for the OpenAI routes, the one its JSON body names (``"model"``), which
-  can only be read once the body is. ``GET /v1/models`` names none.
+  or, for the OpenAI and Ollama routes, the one its body names (``"model"``;
+  an audio upload's form field), which can only be read once the body is, and
+  only among the models of the protocol that serves the route. ``GET /v1/models``
+  and ``/api/tags`` name none; ``/v1/responses/{id}`` gets the model of the id's
+  record from the LLM stage (``gateway.llm.stage``).
 """
 
 from __future__ import annotations
@@ -47,13 +50,15 @@ class Model:
             raise NotFound("unknown route")
         name = route.model
         if name is None:
-            if route.kind is not RouteKind.OPENAI:
-                return  # GET /v1/models: about every model the caller may read, none in particular
+            if route.kind is not RouteKind.OPENAI and route.kind is not RouteKind.OLLAMA:
+                # GET /v1/models, /api/tags: about every model the caller may read, none in particular;
+                # /v1/responses/{id}: the model of the id's record (gateway.llm.stage, next)
+                return
             document = ctx.json
             requested = document.get("model") if isinstance(document, dict) else None
             if not isinstance(requested, str):
                 raise InvalidRequest("'model' must be a string naming the model")
-            if not self.router.openai_model(requested):
+            if not self.router.serves(route.kind, requested):
                 raise NotFound("unknown model")
             name = requested
         ctx.model_name = name

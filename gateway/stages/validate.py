@@ -44,9 +44,11 @@ import jsonschema_rs
 from .. import jsonsafe
 from ..config import TensorSpec
 from ..errors import ConfigError, InvalidRequest
+from ..llm.surfaces import surface_for
 from ..openai_checks import check_openai_request
 from ..pipeline import RequestContext, RouteKind
-from ..v2 import DATATYPES, RequestViolation, check_infer_request
+from ..v2 import ALL_DATATYPES, RequestViolation, check_infer_request
+from ..v2_binary import BinaryInputs
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -201,9 +203,18 @@ class Validate:
             inputs: dict[str, Any] | None = None
             if route.kind is RouteKind.V2_INFER:
                 inputs = {}
-                check_infer_request(document, self._declared(model, rules), inputs)
-            elif route.kind is RouteKind.OPENAI:
-                check_openai_request(ctx.path, document, max_tokens_cap=rules.max_tokens if rules else None)
+                header = ctx.binary_header  # binary tensors: their bytes follow the JSON header
+                binary = None if header is None else BinaryInputs(memoryview(ctx.body)[header:])
+                check_infer_request(document, self._declared(model, rules), inputs, binary)
+            elif route.kind is RouteKind.OPENAI or route.kind is RouteKind.OLLAMA:
+                surface = surface_for(ctx.path)  # every LLM API family: its own checks (gateway.llm.surfaces)
+                cap = rules.max_tokens if rules else None
+                if surface is not None:
+                    surface.check(document, cap)
+                else:
+                    check_openai_request(ctx.path, document, max_tokens_cap=cap)
+            elif route.kind is RouteKind.RESPONSE_ID:
+                return  # no body of the caller's to check: the id was checked against its owner
             if rules is not None and rules.schema is not None:
                 if document is None and not route.json_body:
                     # A raw route's body is not parsed by the body stage; a schema makes it JSON.
@@ -244,8 +255,8 @@ def _check_declared(name: str, inputs: Sequence[TensorSpec], config: Any) -> Non
     for i, spec in enumerate(inputs):
         key = f"models.{name}.inputs[{i}]"
         problem = None
-        if spec.datatype not in DATATYPES:
-            problem = ("datatype", f"unknown datatype {spec.datatype!r}; one of {', '.join(DATATYPES)}")
+        if spec.datatype not in ALL_DATATYPES:
+            problem = ("datatype", f"unknown datatype {spec.datatype!r}; one of {', '.join(ALL_DATATYPES)}")
         elif any(type(d) is not int or d < -1 for d in spec.shape):
             problem = ("shape", "dimensions must be integers >= 0, or -1 for any size")
         elif spec.name in seen:

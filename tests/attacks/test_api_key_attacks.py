@@ -21,6 +21,8 @@ from gateway.request import BufferedRequest
 from gateway.services import Services
 from gateway.stages import authenticate
 from gateway.stages.framing import Framing
+from tests import harness
+from tests.harness import error_fields
 
 KEY = generate_key()
 EXPIRED = generate_key()
@@ -145,18 +147,17 @@ async def test_a_jwt_is_refused_where_only_api_keys_are_configured(stage):
 async def test_api_keys_through_the_gateway(tmp_path, keys):
     """End to end: a key works, never reaches the upstream, and stops working after revoke + reload."""
     import aiohttp
-    from harness import ALLOW_ANALYSTS, start_gateway, start_upstream, v2_model
+    from tests.harness import ALLOW_ANALYSTS, v2_model
 
     from gateway.auth.key_file import revoke_key
 
     file = tmp_path / "api_keys.yaml"
     file.write_text(yaml.safe_dump([{"id": "live", "hash": hash_key(KEY), "subject": "svc-a", "roles": ["analyst"]}]))
-    up = await start_upstream()
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
-                             auth={"api_keys": {"file": str(file)}})
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
-    url = gw.url + "/v2/models/digits/infer"
-    try:
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                auth={"api_keys": {"file": str(file)}}) as gw):
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
+        url = gw.url + "/v2/models/digits/infer"
         async with aiohttp.ClientSession() as session:
             for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
                 r = await session.post(url, json=body, headers=headers)
@@ -170,7 +171,4 @@ async def test_api_keys_through_the_gateway(tmp_path, keys):
             await gw.gateway.reload()
             r = await session.post(url, json=body, headers={"X-API-Key": KEY})
             assert r.status == 401
-            assert (await r.json())["error"]["message"] == "unknown API key"
-    finally:
-        await gw.stop()
-        await up.stop()
+            assert error_fields(await r.json())["message"] == "unknown API key"

@@ -14,8 +14,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from harness import ALLOW_ANALYSTS, raw_http, start_gateway, start_upstream, v2_model
-from http_helpers import make_backend, make_ctx
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, raw_http, start_gateway, start_upstream, v2_model
+from tests.harness import error_fields
+from tests.http_helpers import make_ctx
+from tests.upstreams import running
 
 from gateway.errors import MethodNotAllowed
 from gateway.pipeline import RouteKind
@@ -96,7 +99,7 @@ async def test_trace_and_track_are_never_forwarded(setup, keys, method: str, pat
                 assert r.status in (400, 405), text
             else:
                 assert r.status == 405, text
-                assert orjson.loads(text)["error"]["type"] == "method_not_allowed"
+                assert error_fields(text)["type"] == "method_not_allowed"
     assert SECRET not in text
     assert up.seen == []
 
@@ -129,7 +132,7 @@ async def test_raw_paths_forward_only_their_methods(setup, keys) -> None:
         for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
             async with s.request(method, gw.url + "/predict", data=b"{}") as r:  # legacy: POST only (default)
                 assert r.status == 405, method
-                assert orjson.loads(await r.text())["error"]["type"] == "method_not_allowed"
+                assert error_fields(await r.text())["type"] == "method_not_allowed"
         assert up.seen == []
         async with s.post(gw.url + "/predict", data=b"{}") as r:
             assert r.status == 200
@@ -150,15 +153,10 @@ async def test_raw_paths_forward_only_their_methods(setup, keys) -> None:
 ])
 async def test_the_backend_refuses_a_method_even_if_routing_let_it_through(kind, path: str, method: str) -> None:
     """Defence in depth: the http backend checks the method itself before anything is sent."""
-    up = await start_upstream(echo)
     protocol = {RouteKind.RAW: "raw", RouteKind.V2_INFER: "v2", RouteKind.OPENAI: "openai"}[kind]
     options = {"paths": ["/predict"]} if protocol == "raw" else {}
-    backend = make_backend([up.url], protocol=protocol, headers={"X-Upstream-Secret": SECRET}, **options)
-    await backend.start()
-    try:
+    async with (harness.upstream(echo) as up,
+                running([up.url], protocol=protocol, headers={"X-Upstream-Secret": SECRET}, **options) as (backend, _)):
         with pytest.raises(MethodNotAllowed):
             await backend.handle(make_ctx(kind, path, method=method, json={"model": "digits"}))
-    finally:
-        await backend.close()
-        await up.stop()
     assert up.seen == []

@@ -7,8 +7,9 @@ every client-sent copy must vanish, in any spelling, however many times sent.
 from __future__ import annotations
 
 import pytest
-from harness import start_upstream
-from http_helpers import make_backend, make_ctx
+from tests.harness import start_upstream
+from tests.http_helpers import make_ctx
+from tests.upstreams import running
 
 from gateway.pipeline import RouteKind
 
@@ -51,12 +52,8 @@ async def upstream():
 
 
 async def _forward(upstream, ctx, **options):
-    backend = make_backend([upstream.url], **options)
-    await backend.start()
-    try:
+    async with running([upstream.url], **options) as (backend, _):
         await backend.handle(ctx)
-    finally:
-        await backend.close()
     return upstream.seen[-1]
 
 

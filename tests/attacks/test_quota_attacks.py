@@ -18,8 +18,9 @@ from gateway.pipeline import RouteKind
 from gateway.policy.document import QuotaRule
 from gateway.quota.stores import open_store
 from gateway.stages.quota import Quota
-from harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, start_gateway, start_upstream, v2_model
-from quota_support import Policy, context, delete_prefix, document, finish, unique_prefix
+from tests import harness
+from tests.harness import ALLOW_ANALYSTS, Keys, eventually, openai_model, v2_model
+from tests.quota_support import Policy, context, delete_prefix, document, finish, unique_prefix
 
 V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
 
@@ -114,28 +115,26 @@ async def test_reused_request_id_does_not_share_a_concurrency_slot(tmp_path: Pat
         await release.wait()
         return web.json_response({"outputs": []})
 
-    up = await start_upstream(held)
-    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
-                             policy={**ALLOW_ANALYSTS, "quotas": [{"roles": ["analyst"], "max_concurrent": 2}]},
-                             quota={"store": "memory"})
-    try:
-        async with aiohttp.ClientSession() as s:
-            headers = {**keys.auth(), "X-Request-ID": "same-id"}
+    async with (harness.upstream(held) as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
+                                policy={**ALLOW_ANALYSTS, "quotas": [{"roles": ["analyst"], "max_concurrent": 2}]},
+                                quota={"store": "memory"}) as gw):
+        try:
+            async with aiohttp.ClientSession() as s:
+                headers = {**keys.auth(), "X-Request-ID": "same-id"}
 
-            async def send() -> int:
-                async with s.post(gw.url + "/v2/models/digits/infer", json=V2_BODY, headers=headers) as r:
-                    await r.read()
-                    return r.status
+                async def send() -> int:
+                    async with s.post(gw.url + "/v2/models/digits/infer", json=V2_BODY, headers=headers) as r:
+                        await r.read()
+                        return r.status
 
-            tasks = [asyncio.create_task(send()) for _ in range(6)]
-            await eventually(lambda: sum(t.done() for t in tasks) >= 4)  # two held at the upstream, four refused
+                tasks = [asyncio.create_task(send()) for _ in range(6)]
+                await eventually(lambda: sum(t.done() for t in tasks) >= 4)  # two held at the upstream, four refused
+                release.set()
+                statuses = sorted(await asyncio.gather(*tasks))
+            assert statuses == [200, 200, 429, 429, 429, 429]
+        finally:
             release.set()
-            statuses = sorted(await asyncio.gather(*tasks))
-        assert statuses == [200, 200, 429, 429, 429, 429]
-    finally:
-        release.set()
-        await gw.stop()
-        await up.stop()
 
 
 async def test_refusing_usage_reporting_does_not_make_a_stream_free(tmp_path: Path, keys: Keys) -> None:
@@ -155,12 +154,11 @@ async def test_refusing_usage_reporting_does_not_make_a_stream_free(tmp_path: Pa
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    up = await start_upstream(upstream)
-    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
-                             policy={**ALLOW_ANALYSTS, "quotas": [{"roles": ["analyst"], "models": ["chat"],
-                                                                   "tokens_per_minute": 10_000}]},
-                             quota={"store": "memory", "default_tokens_per_request": 10})
-    try:
+    async with (harness.upstream(upstream) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
+                                policy={**ALLOW_ANALYSTS, "quotas": [{"roles": ["analyst"], "models": ["chat"],
+                                                                      "tokens_per_minute": 10_000}]},
+                                quota={"store": "memory", "default_tokens_per_request": 10}) as gw):
         async with aiohttp.ClientSession() as s:
             body = {"model": "chat", "messages": [{"role": "user", "content": "abcd"}], "stream": True,
                     "stream_options": {"include_usage": False}, "max_tokens": 1}
@@ -170,6 +168,3 @@ async def test_refusing_usage_reporting_does_not_make_a_stream_free(tmp_path: Pa
         charged = gw.gateway.metrics.registry.get_sample_value("maas_quota_llm_tokens_total", {"model": "chat"})
         assert charged == 80  # the usage the upstream reported, not the 1 + 1 reserved
         assert b'"usage"' not in relayed and relayed.count(b"abcdefgh") == 25
-    finally:
-        await gw.stop()
-        await up.stop()

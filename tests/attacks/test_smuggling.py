@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ALLOW_ANALYSTS, Keys, raw_http, start_gateway, start_upstream, v2_model
+from tests.harness import ALLOW_ANALYSTS, Keys, raw_http, start_gateway, start_upstream, v2_model
 
 BODY = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1],"data":[1.0]}]}'
 CHUNKED = hex(len(BODY))[2:].encode() + b"\r\n" + BODY + b"\r\n0\r\n\r\n"

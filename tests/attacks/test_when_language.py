@@ -36,10 +36,10 @@ def test_dunder_attribute_refused() -> None:
 
 def test_class_escape_from_a_literal_refused() -> None:
     refused("().__class__.__bases__[0].__subclasses__()", "names starting with '_'")
-    refused("'x'.join == 1", "attribute access is only allowed on subject, model and request")
+    refused("'x'.join == 1", "attribute access is only allowed on subject, model, request and monitor")
 
 
-def test_names_outside_the_three_roots_refused() -> None:
+def test_names_outside_the_four_roots_refused() -> None:
     refused("os.environ == 1", "unknown name 'os'")
     refused("secret == 'x'", "unknown name 'secret'")
     refused("subject == 1", "'subject' alone is not a value")

@@ -1,0 +1,197 @@
+"""Reading usage and ids from LLM streams as they pass, without holding a byte back.
+
+``WatchedStream`` wraps the relay of an SSE or NDJSON answer: every chunk is
+handed on the moment it arrives, unchanged; on the side, the complete lines of
+what has passed are looked at, and only a line carrying one of the watcher's
+markers (a byte search: ``"usage"``, ``"eval_count"``, ``response.created``)
+is parsed. Inside a JSON string a quote is escaped, so model text can never
+forge a marker key; at worst it causes one needless parse.
+
+One watcher per API family:
+
+* ``ResponsesWatcher``: the id of ``response.created`` (claimed for the caller
+  *before* the chunk that carries it reaches the client, so no client can ask
+  for a response id the gateway does not yet know is theirs) and the usage of
+  ``response.completed`` (or ``.incomplete``/``.failed``);
+* ``MessagesWatcher``: ``message_start``'s input tokens plus the output tokens
+  of the latest ``message_delta`` (Anthropic's are cumulative);
+* ``OllamaWatcher``: the final ``"done": true`` object's ``prompt_eval_count``
+  + ``eval_count``.
+
+A stream that ends without its usage leaves ``Usage.total_tokens`` unset: the
+quota stage then charges the whole reservation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+
+from .surfaces import ollama_usage, usage_tokens
+
+if TYPE_CHECKING:
+    from ..usage import Usage
+
+MAX_LINE = 1_048_576  # a longer unterminated line is not scanned (the bytes still pass)
+
+
+class Watcher:
+    """Reads one family's events. ``markers``: a line with none of them is never parsed."""
+
+    markers: tuple[bytes, ...] = ()
+    sse = True
+
+    def __init__(self, usage: Usage) -> None:
+        self.usage = usage
+
+    def event(self, doc: dict[str, Any]) -> str | None:
+        """Take one decoded event; return a response id to claim before the event is relayed."""
+        return None
+
+
+class ResponsesWatcher(Watcher):
+    markers = (b"response.created", b'"usage"')
+
+    def __init__(self, usage: Usage) -> None:
+        super().__init__(usage)
+        self.conversation: str | None = None  # the conversation response.created names, if any
+
+    def event(self, doc: dict[str, Any]) -> str | None:
+        kind = doc.get("type")
+        response = doc.get("response")
+        if not isinstance(response, dict):
+            return None
+        if kind == "response.created":
+            conversation = response.get("conversation")
+            if isinstance(conversation, dict) and isinstance(conversation.get("id"), str):
+                self.conversation = conversation["id"]
+            rid = response.get("id")
+            return rid if isinstance(rid, str) and rid else None
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            total = usage_tokens(response.get("usage"))
+            if total is not None:
+                self.usage.total_tokens = total
+        return None
+
+
+class MessagesWatcher(Watcher):
+    markers = (b'"usage"',)
+
+    def __init__(self, usage: Usage) -> None:
+        super().__init__(usage)
+        self._input = 0
+        self._output = 0
+
+    def event(self, doc: dict[str, Any]) -> str | None:
+        kind = doc.get("type")
+        if kind == "message_start":
+            message = doc.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._input = sum(v for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+                                  if type(v := usage.get(k)) is int and v >= 0)
+                out = usage.get("output_tokens")
+                self._output = out if type(out) is int and out >= 0 else 0
+                self.usage.total_tokens = self._input + self._output
+        elif kind == "message_delta":
+            usage = doc.get("usage")
+            out = usage.get("output_tokens") if isinstance(usage, dict) else None
+            if type(out) is int and out >= 0:
+                self._output = max(self._output, out)
+                self.usage.total_tokens = self._input + self._output
+        return None
+
+
+class OllamaWatcher(Watcher):
+    markers = (b'"eval_count"', b'"prompt_eval_count"')
+    sse = False
+
+    def event(self, doc: dict[str, Any]) -> str | None:
+        total = ollama_usage(doc)
+        if total is not None:
+            self.usage.total_tokens = total
+        return None
+
+
+class WatchedStream:
+    """An async iterator of chunks: ``inner``'s, unchanged and unbuffered, read by ``watcher`` on the side.
+
+    ``claim(id)`` is awaited for an id the watcher returns, before the chunk
+    that carries it is handed on.
+    """
+
+    __slots__ = ("_inner", "_watcher", "_claim", "_tail", "_markers", "_first", "_second")
+
+    def __init__(self, inner: AsyncIterator[bytes], watcher: Watcher,
+                 claim: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self._inner = inner
+        self._watcher = watcher
+        self._claim = claim
+        self._tail = b""
+        self._markers = markers = watcher.markers
+        # the per-chunk test, unrolled (no generator per chunk): a chunk with neither marker is not split
+        self._first = markers[0] if 0 < len(markers) <= 2 else None  # None: no markers, or more than two
+        self._second = markers[1] if len(markers) == 2 else None
+
+    def __aiter__(self) -> WatchedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._inner.__anext__()
+        except StopAsyncIteration:
+            if self._tail:  # a last line without its newline
+                rest, self._tail = self._tail, b""
+                await self._lines(rest + b"\n")
+            raise
+        if chunk:
+            tail = self._tail
+            if not tail and chunk[-1] == 10:  # whole lines, the usual chunk: no copy, no slice
+                first = self._first
+                if first is None:
+                    if self._markers:
+                        await self._lines(chunk)
+                elif chunk.find(first) >= 0 or (self._second is not None and chunk.find(self._second) >= 0):
+                    await self._lines(chunk)  # (find: on 3.11 `bytes in bytes` formats an error message first)
+                return chunk
+            data = tail + chunk if tail else chunk
+            cut = data.rfind(b"\n") + 1
+            self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
+            if cut:
+                await self._lines(data[:cut])
+        return chunk
+
+    async def _lines(self, lines: bytes) -> None:
+        if not any(m in lines for m in self._markers):
+            return
+        for line in lines.split(b"\n"):
+            if not any(m in line for m in self._markers):
+                continue
+            payload = line.strip()
+            if self._watcher.sse:
+                if not payload.startswith(b"data:"):
+                    continue
+                payload = payload[5:].strip()
+            if not payload.startswith(b"{"):
+                continue
+            try:
+                doc = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(doc, dict):
+                continue
+            try:
+                rid = self._watcher.event(doc)
+            except Exception:  # noqa: BLE001 - a watcher bug must never break the stream
+                continue
+            if rid is not None and self._claim is not None:
+                await self._claim(rid)
+
+
+WATCHERS: dict[str, type[Watcher]] = {
+    "responses": ResponsesWatcher,
+    "messages": MessagesWatcher,
+    "ollama_chat": OllamaWatcher,
+    "ollama_generate": OllamaWatcher,
+}

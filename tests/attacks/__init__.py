@@ -1,0 +1,1 @@
+"""Attack tests: each file tries one class of abuse against the real gateway."""

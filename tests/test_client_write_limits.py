@@ -1,0 +1,180 @@
+"""Client-side limits on the answer side: the client write deadline (``server.client_write_timeout_s``), plain and TLS.
+
+Real gateway, real loopback sockets; a client that never reads (or reads slowly) is a raw socket with a
+small receive buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests import harness
+from tests.certs import self_signed
+from tests.harness import (ALLOW_ANALYSTS, Keys, openai_model, start_gateway, start_upstream,
+                     v2_model)
+from tests.client_limits_support import (  # noqa: F401  (pytest uses the fixtures and pytestmark)
+    chat_request,
+    endless_sse,
+    error_of,
+    event_loop_policy,
+    infer,
+    open_raw,
+    port_of,
+    pytestmark,
+    raw_socket,
+    send,
+    served,
+    until_closed,
+    upstream,
+    wait_for)
+
+
+async def test_stalled_stream_reader_is_dropped_and_its_upstream_connection_freed(tmp_path: Path,
+                                                                                  keys: Keys) -> None:
+    streams = {"started": 0, "released": 0}
+    up = await start_upstream(endless_sse(streams))
+    gw = await start_gateway(tmp_path, keys, models={"chat": openai_model(up.url, max_connections=2)},
+                             policy=ALLOW_ANALYSTS, server={"client_write_timeout_s": 1})
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(2):  # both pooled upstream connections, held by clients that never read
+            sock = await open_raw(port_of(gw), rcvbuf=4096)
+            await send(sock, chat_request(keys, stream=True))
+            stalled.append(sock)
+        await wait_for(lambda: streams["started"] == 2)
+        started = time.monotonic()
+
+        async with aiohttp.ClientSession() as s:  # a second caller: waits for a pooled connection, then is served
+            async with s.post(gw.url + "/v1/chat/completions", headers=keys.auth(),
+                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["message"]["content"] == "hi"
+        waited = time.monotonic() - started
+        assert 0.5 < waited < 6, waited  # it needed one of the stalled readers' connections
+
+        await wait_for(lambda: streams["released"] == 2)
+        assert gw.running.connections.write_timeouts == 2
+        for sock in stalled:  # the stalled callers' sockets are closed, not left streaming
+            _, closed = await until_closed(sock, 5)
+            assert closed
+    finally:
+        for sock in stalled:
+            sock.close()
+        await gw.stop()
+        await up.stop()
+
+
+async def test_large_answer_to_a_client_that_never_reads_is_dropped(tmp_path: Path, keys: Keys) -> None:
+    big = b'{"outputs": [], "pad": "' + b"p" * 12_000_000 + b'"}'
+    calls = {"n": 0}
+
+    async def large(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return web.Response(body=big, content_type="application/json")
+        return web.json_response({"outputs": []})
+
+    async with (harness.upstream(large) as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                server={"client_write_timeout_s": 1}) as gw,
+                raw_socket(port_of(gw), rcvbuf=4096) as sock):
+        started = time.monotonic()
+        await send(sock, infer(keys))
+        await wait_for(lambda: gw.running.connections.write_timeouts == 1, timeout=10)
+        assert time.monotonic() - started >= 1.0
+        data, closed = await until_closed(sock, 5)
+        assert closed and len(data) < len(big)  # cut: the rest of the answer was never going to be taken
+        await wait_for(lambda: gw.running.connections.total == 0)
+        assert await served(gw.url, keys) == 200
+
+
+async def test_a_slow_reader_that_keeps_taking_is_not_dropped(tmp_path: Path, keys: Keys) -> None:
+    big = b'{"outputs": [], "pad": "' + b"p" * 6_000_000 + b'"}'
+
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=big, content_type="application/json")
+
+    async with (harness.upstream(large) as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                server={"client_write_timeout_s": 0.5}) as gw,
+                raw_socket(port_of(gw), rcvbuf=4096) as sock):
+        loop = asyncio.get_running_loop()
+        await send(sock, infer(keys))
+        await asyncio.sleep(0.3)  # real socket buffers fill while the client reads nothing
+        received = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # a little at a time, each gap shorter than the deadline
+            received += len(await asyncio.wait_for(loop.sock_recv(sock, 256 * 1024), 5))
+            await asyncio.sleep(0.2)  # real socket: a slow reader, each gap shorter than the real write deadline
+        assert gw.running.connections.write_timeouts == 0
+        while received < len(big):  # then at full speed: the whole answer arrives
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
+            assert chunk, "closed mid-answer"
+            received += len(chunk)
+
+
+async def test_over_tls_half_heads_get_the_deadline_and_stalled_readers_are_dropped(tmp_path: Path,
+                                                                                  keys: Keys) -> None:
+    big = b'{"outputs": [], "pad": "' + b"p" * 12_000_000 + b'"}'
+
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=big, content_type="application/json")
+
+    up = await start_upstream(large)
+    cert, key = self_signed(tmp_path, "server", host="localhost")
+    gw = await start_gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                             server={"header_timeout_s": 0.5, "client_write_timeout_s": 1,
+                                     "tls": {"cert_file": str(cert), "key_file": str(key)}})
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        half_r, half_w = await asyncio.open_connection("localhost", port_of(gw), ssl=client_tls)
+        writers.append(half_w)
+        started = time.monotonic()
+        half_w.write(b"GET /v2 HTTP/1.1\r\nHost: x\r\n")
+        answer = await asyncio.wait_for(half_r.read(), 5)  # to EOF
+        assert 0.4 <= time.monotonic() - started < 1.5
+        assert error_of(answer)[0] == 408
+
+        stalled = await open_raw(port_of(gw), rcvbuf=4096)
+        st_r, st_w = await asyncio.open_connection(sock=stalled, ssl=client_tls, server_hostname="localhost",
+                                                   limit=16_384)  # the stream reader stops taking at 32 KiB
+        writers.append(st_w)
+        st_w.write(infer(keys))
+        await wait_for(lambda: gw.running.connections.write_timeouts == 1, timeout=10)
+        await wait_for(lambda: gw.running.connections.total == 0)
+    finally:
+        for w in writers:
+            w.close()
+        await gw.stop()
+        await up.stop()
+
+
+async def test_a_tls_handshake_that_never_finishes_is_closed_at_the_head_deadline(tmp_path: Path,
+                                                                                   keys: Keys) -> None:
+    """A TCP connection to a TLS port that never sends its ClientHello: asyncio would wait 60 s for it."""
+    cert, key = self_signed(tmp_path, "server", host="localhost")
+    async with (harness.upstream() as up,
+                harness.gateway(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                                server={"header_timeout_s": 0.5,
+                                        "tls": {"cert_file": str(cert), "key_file": str(key)}}) as gw):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))  # plain TCP, no handshake
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+        assert time.monotonic() - started < 2.5
+        writer.close()
+        # a real TLS client is still served
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        r, w = await asyncio.open_connection("localhost", port_of(gw), ssl=client_tls)
+        w.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 ")
+        w.close()
+
+
