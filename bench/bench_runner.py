@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SEED_APP = Path("/work/shared/bench/seed_flask_app.py")
 
-from overhead import WRK_LUA, free_port  # noqa: E402  (one wrk script and helpers for every bench)
+from overhead import WRK_LUA, free_port  # noqa: E402
+from overhead import run_wrk_url as run_wrk  # noqa: E402  (one wrk script and helpers for every bench)
 from overhead import wait_port as wait_http  # noqa: E402
 
 
@@ -150,18 +151,6 @@ def inprocess_main(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------
 # over HTTP, against the seed
-
-
-def run_wrk(url: str, conns: int, seconds: float, lua: Path, body: Path, auth: str) -> dict[str, Any]:
-    env = {**os.environ, "BODY_FILE": str(body), "AUTH": auth}
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(round(seconds)))}s", "--timeout", "5s", "-s", str(lua), url]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60).stdout
-    m = re.search(r"BENCHJSON (\{.*\})", out)
-    if not m:
-        raise SystemExit(f"wrk printed no summary:\n{out}")
-    r = json.loads(m.group(1))
-    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
-    return r
 
 
 def gateway_setup(work: Path, weights: Path, workers: int) -> tuple[Path, str]:

@@ -206,9 +206,13 @@ def group_cpu_s(pgid: int) -> float:
 
 
 def run_wrk(port: int, conns: int, duration: float, lua: Path, body: Path, auth: str) -> dict:
+    return run_wrk_url(f"http://127.0.0.1:{port}/v2/models/digits/infer", conns, duration, lua, body, auth)
+
+
+def run_wrk_url(url: str, conns: int, duration: float, lua: Path, body: Path, auth: str) -> dict:
+    """One wrk run of ``lua`` (POST ``body``) against ``url``: its BENCHJSON summary plus ``rps``."""
     env = {**os.environ, "BODY_FILE": str(body), "AUTH": auth}
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(round(duration)))}s", "--timeout", "5s", "-s", str(lua),
-           f"http://127.0.0.1:{port}/v2/models/digits/infer"]
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(round(duration)))}s", "--timeout", "5s", "-s", str(lua), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60).stdout
     m = re.search(r"BENCHJSON (\{.*\})", out)
     if not m:

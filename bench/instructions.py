@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request (valgrind's callgrind), A/B between two checkouts: a number that holds still.
+
+req/s and even CPU-µs per request move by 5-15 % between runs on a shared 2-core machine;
+instruction counts of the same code on the same inputs move by well under 1 %. Each
+gateway runs alone under ``valgrind --tool=callgrind`` (one process), is warmed up,
+its counters are zeroed, it serves N requests (hey, 8 connections, every answer
+must be 200), and the counters are dumped: instructions / requests served.
+
+    apt-get install valgrind hey nginx-light            # once
+    python bench/instructions.py --variants auth-raw,full --compare /tmp/gw-before
+    python bench/instructions.py --variants auth -n 2000
+
+Variants are bench/overhead.py's. Under callgrind a gateway starts in about a
+minute and serves a few hundred requests a second: a variant takes 2-3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import overhead  # noqa: E402  (the upstream, configs and variants of every bench)
+
+
+def hey(port: int, n: int, token: str, body: Path) -> int:
+    """Send ``n`` requests; the number served (all must be 200: a refusal is cheaper and would flatter us)."""
+    out = subprocess.run(["hey", "-n", str(n), "-c", "8", "-m", "POST", "-H", f"Authorization: {token}",
+                          "-T", "application/json", "-D", str(body), f"http://127.0.0.1:{port}/v2/models/digits/infer"],
+                         capture_output=True, check=True, text=True).stdout
+    codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+    if len(codes) != 1 or codes[0][0] != "200":
+        raise SystemExit(f"not every answer was 200: {codes}")
+    return int(codes[0][1])
+
+
+def instructions_per_request(work: Path, name: str, variant: str, tree: Path, up_port: int, keys, token: str,
+                             body: Path, n: int) -> float:
+    import yaml
+
+    cfg = overhead.gateway_config(work, name, variant, up_port, keys, None)
+    port = overhead.free_port()
+    data = yaml.safe_load(cfg.read_text())
+    data["server"]["port"] = port
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = work / f"{name}.callgrind"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
+                             "gateway", "serve", "-c", str(cfg), "--workers", "1"],
+                            cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.log", "w"), start_new_session=True)
+    try:
+        overhead.wait_port(port, 600)
+        hey(port, 300, token, body)  # warm-up: caches, the verified token, pooled upstream connections
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
+        served = hey(port, n, token, body)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
+        time.sleep(1)
+        dump = max(glob.glob(f"{out}*"), key=os.path.getmtime)
+        total = next(int(line.split()[1]) for line in open(dump) if line.startswith(("summary:", "totals:")))
+        return total / served
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="auth-raw,full")
+    ap.add_argument("--compare", type=Path, default=None, help="another checkout: each variant also runs from there")
+    ap.add_argument("-n", type=int, default=1000, help="requests counted per variant")
+    args = ap.parse_args()
+    from harness import Keys
+
+    work = Path(tempfile.mkdtemp(prefix="maas-instructions-"))
+    keys = Keys(work / "idp")
+    token = "Bearer " + keys.token("bench", ["inference"], ttl_s=86400)  # valgrind is slow: outlive the run
+    body = work / "body.json"
+    body.write_text(json.dumps(overhead.V2_BODY))
+    up, up_port = overhead.start_upstream(work)
+    trees = {"this": ROOT} | ({"base": args.compare.resolve()} if args.compare else {})
+    try:
+        for variant in args.variants.split(","):
+            for label, tree in trees.items():
+                per = instructions_per_request(work, f"{label}-{variant}", variant, tree, up_port, keys, token, body,
+                                               args.n)
+                print(f"{label:5s} {variant:16s} {per / 1e3:9.1f} k instructions/request", flush=True)
+    finally:
+        up.terminate()
+
+
+if __name__ == "__main__":
+    main()
