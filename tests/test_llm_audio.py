@@ -122,3 +122,20 @@ async def test_malformed_uploads_are_4xx_and_never_forwarded(tmp_path, keys, con
                 assert r.status == status, await r.text()
                 assert "error" in await r.json()
         assert up.seen == []
+
+
+async def test_request_params_of_an_upload_reach_the_policy(tmp_path, keys):
+    """``request.params`` of an audio form: a deny on ``temperature`` holds, and a form without one (unknown) is
+    denied too — a deny rule whose condition is unknown applies."""
+    policy = {**POLICY, "rules": [*POLICY["rules"], {
+        "id": "no-hot-audio", "roles": ["*"], "models": ["*"], "actions": ["infer"], "effect": "deny",
+        "when": "not (request.params.temperature <= 0.5)"}]}
+    async with upstream(transcribe) as up, gateway(tmp_path, keys, models=models(up.url), policy=policy) as gw:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=keys.token("alice"), max_retries=0)
+        cool = await client.audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFF"), temperature=0.2)
+        assert cool.text == "whisper:4"
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFF"), temperature=0.9)
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFF"))
+        assert len(up.seen) == 1

@@ -54,7 +54,7 @@ def request_params(ctx: RequestContext) -> dict[str, Any]:
         if route is None or ctx.json is None:
             params = {}
         elif route.kind is RouteKind.V2_INFER:
-            params = v2_params(ctx.json, getattr(ctx, "binary_header", None) is not None)
+            params = v2_params(ctx.json, ctx.binary_header is not None)
         elif route.kind in _V2_KINDS:
             params = {}
         elif not route.json_body:  # audio uploads: the form's text fields, read as their surface reads them
