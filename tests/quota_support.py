@@ -143,10 +143,14 @@ def context(subject: str = "alice", roles: tuple[str, ...] = ("analyst",), model
 
 
 async def finish(ctx: RequestContext) -> None:
-    """Run the request's cleanups as the app does when the request ends."""
+    """Run the request's cleanups as the app does when the request ends, then let the releases they
+    started reach the store (the app does not wait for them; a test reads the store after)."""
     import inspect
+
+    from gateway.quota.concurrency import drain
 
     for callback in ctx._cleanups:
         result = callback(ctx)
         if inspect.isawaitable(result):
             await result
+    await drain()

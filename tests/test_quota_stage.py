@@ -180,6 +180,34 @@ async def test_concurrency_limit_leaks_nothing_after_1000_aborted_requests(make_
     assert await inflight(stage, bucket) == 0
 
 
+async def test_a_finished_request_does_not_wait_for_its_slot_to_be_given_back(make_stage):
+    """The release runs on its own: a store slow to answer delays neither the end of the request nor the
+    next request on its connection, and the slot still comes back (shutdown waits for it)."""
+    stage = await make_stage(QuotaRule(id="c", roles=["analyst"], models=["*"], max_concurrent=1))
+    bucket = bucket_id("c", "alice", "digits")
+    store = stage.store
+    answer = asyncio.Event()
+    release = store.release
+
+    async def slow_release(*args, **kwargs):
+        await answer.wait()  # a store that takes its time
+        await release(*args, **kwargs)
+
+    store.release = slow_release
+    ctx = context()
+    await stage(ctx)
+    for callback in ctx._cleanups:  # what Gateway.finish does: returns at once, the release is in flight
+        assert callback(ctx) is None
+    assert await inflight(stage, bucket) == 1
+    answer.set()
+    await finish(ctx)  # (the test's helper also waits for the releases it started)
+    assert await inflight(stage, bucket) == 0
+    again = context()
+    await stage(again)  # the one slot is free again
+    assert again.quota == "ok"
+    await finish(again)
+
+
 async def test_token_budget_charged_from_usage_and_enforced(make_stage):
     stage = await make_stage(QuotaRule(roles=["analyst"], models=["chat"], tokens_per_minute=1000),
                              default_tokens_per_request=100)

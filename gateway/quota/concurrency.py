@@ -5,8 +5,9 @@
 exit path — success, error, client disconnect, cancellation, timeout — or the
 subject is locked out for good. The quota stage registers ``Hold.release``
 with ``ctx.on_finish``, which the app runs on every path; ``release`` is
-idempotent and runs the store call in its own task, shielded, so a request
-task cancelled mid-release (a client that goes away) still frees its slot.
+idempotent and runs the store call in its own task, not awaited by the request,
+so a request task cancelled mid-release (a client that goes away) still frees
+its slot and the connection's next request does not wait for the store.
 
 Slot ids are minted here, never taken from the client: a client that sent the
 same ``X-Request-ID`` twice must not share one slot between two requests. In
@@ -37,6 +38,14 @@ _counter = itertools.count()
 
 # Releases in flight, kept referenced so they are not garbage-collected mid-way.
 _pending: set[asyncio.Task[None]] = set()
+
+
+async def drain() -> None:
+    """Wait for the releases still in flight (shutdown: before the store closes)."""
+    loop = asyncio.get_running_loop()
+    mine = [task for task in _pending if task.get_loop() is loop]  # (a loop closed mid-release left its own)
+    if mine:
+        await asyncio.wait(mine)  # (not gather: cancelling the waiter must not cancel a release)
 
 
 def new_slot_id() -> str:
@@ -73,8 +82,15 @@ class Hold:
             self._on_tokens(self.model, used)
         return self.reserved - used
 
-    async def release(self, ctx: RequestContext) -> None:
-        """Give back the slot and settle the reservation; once, whatever happens to the caller."""
+    def release(self, ctx: RequestContext) -> None:
+        """Give back the slot and settle the reservation; once, whatever happens to the caller.
+
+        Started, not awaited: the request's answer is complete and its connection's next request must
+        not wait for the store (awaiting cost a store round trip, or with the memory store two turns of a
+        busy loop, ~0.6 ms of time to first token at 16 streams). The release is issued before the next
+        request on the same connection is read (its task is scheduled first, and Redis commands go out
+        in order), and ``drain`` waits for every release still in flight at shutdown.
+        """
         if self._done:
             return
         self._done = True
@@ -82,7 +98,6 @@ class Hold:
         task = asyncio.ensure_future(self._release(refund))
         _pending.add(task)
         task.add_done_callback(_pending.discard)
-        await asyncio.shield(task)
 
     async def _release(self, refund: int) -> None:
         try:

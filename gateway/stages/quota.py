@@ -36,6 +36,7 @@ from ..pipeline import RouteKind
 from ..llm.surfaces import surface_for
 from ..quota import llm_tokens
 from ..quota.concurrency import Hold, new_slot_id
+from ..quota.concurrency import drain as drain_releases
 from ..quota.matching import MatcherCache
 from ..quota.store import Limits, QuotaStore, StoreError, bucket_id
 from ..quota.stores import open_store
@@ -80,6 +81,7 @@ class Quota:
         await self.store.start()
 
     async def close(self) -> None:
+        await drain_releases()  # slots still being given back: before the store goes
         await self.store.close()
 
     def ready(self) -> str | None:
