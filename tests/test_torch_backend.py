@@ -142,7 +142,7 @@ async def test_body_is_parsed_when_no_json_was_attached(digits: TorchBackend) ->
     ({"inputs": "x"}, "'inputs' list"),
     ([], "'inputs' list"),
     (infer_body([0] * 64, name="pixels"), "unknown input 'pixels'"),
-    (infer_body([0] * 64, datatype="BYTES"), "datatype must be FP32 or INT64"),
+    (infer_body([0] * 64, datatype="BYTES"), r"datatype must be FP32 \(a torch model takes numbers\)"),
     ({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0] * 63}]}, "shape must be"),
     ({"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]}, "shape must be"),
     ({"inputs": [{"name": "input", "shape": [1, 64, 1], "datatype": "FP32", "data": [0] * 64}]}, "shape must be"),

@@ -242,3 +242,59 @@ async def test_local_runner_behind_the_same_surface(tmp_path: Path, keys: Keys) 
         assert await client_call(gw, lambda c: c.is_server_ready(headers=dict(auth)))
         meta = await client_call(gw, lambda c: c.get_model_metadata("digits", headers=dict(auth)))
         assert meta["inputs"][0]["shape"] == [-1, 64]
+
+
+RUNNER_CASES = {
+    "FP32": np.array([[0.5, -1.25, 3.0]], np.float32),
+    "FP16": np.array([[0.5, 2.0, -4.0]], np.float16),
+    "BF16": np.array([[1.5, -2.0, 0.25]], np.float32).astype(ml_dtypes.bfloat16),
+    "INT64": np.array([[1, -2, 2**40]], np.int64),
+    "INT32": np.array([[7, -8, 2**29]], np.int32),
+    "BOOL": np.array([[True, False, True]]),
+}
+
+
+async def test_local_runner_round_trips_every_number_datatype(tmp_path: Path, keys: Keys) -> None:
+    """A TorchScript model per datatype behind the local runner, called by the stock client (binary both ways):
+    its answer keeps the model's datatype (a BF16 model answers BF16); BYTES, which no torch model takes, is
+    refused with a reason the client prints."""
+    import torch
+    from torch import nn
+
+    from tests.test_torch_guard import archive
+
+    class Doubles(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + x
+
+    class Negates(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.logical_not(x)
+
+    models = {}
+    for dt in RUNNER_CASES:
+        path = tmp_path / f"{dt}.pt"
+        path.write_bytes(archive(torch.jit.script(Negates() if dt == "BOOL" else Doubles())))
+        models[dt.lower()] = {"backend": {"type": "torch", "path": str(path), "allow_torchscript": True,
+                                          "input_shape": [3], "input_datatype": dt, "max_batch_delay_ms": 0}}
+    async with gateway(tmp_path, keys, models=models, policy=ALLOW_ANALYSTS) as gw:
+        auth = keys.auth()
+        for dt, array in RUNNER_CASES.items():
+            meta = await client_call(gw, lambda c: c.get_model_metadata(dt.lower(), headers=dict(auth)))
+            assert meta["inputs"][0]["datatype"] == dt and meta["outputs"][0]["datatype"] == dt
+            result = await client_call(gw, lambda c: c.infer(dt.lower(), [tensor("input", array, dt)],
+                                                             headers=dict(auth)))
+            answer = result.get_response()["outputs"][0]
+            assert answer["datatype"] == dt and answer["parameters"]["binary_data_size"] > 0, dt
+            expected = ~array if dt == "BOOL" else array.astype(np.float64) * 2
+            got = result.as_numpy("output")
+            assert got is not None and np.array_equal(got.astype(np.float64), expected.astype(np.float64)), dt
+            if dt != "BF16":  # (BF16 travels only as binary data)
+                plain = await client_call(gw, lambda c: c.infer(
+                    dt.lower(), [tensor("input", array, dt, False)],
+                    outputs=[th.InferRequestedOutput("output", binary_data=False)], headers=dict(auth)))
+                assert np.array_equal(plain.as_numpy("output").astype(np.float64), expected.astype(np.float64)), dt
+        words = np.array([[b"a", b"b", b"c"]], dtype=object)
+        with pytest.raises(InferenceServerException) as refused:
+            await client_call(gw, lambda c: c.infer("fp32", [tensor("input", words, "BYTES")], headers=dict(auth)))
+        assert refused.value.status() == "400" and "FP32" in str(refused.value)

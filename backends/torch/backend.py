@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("maas.torch")
 
-_NP_DTYPES = {"FP32": np.float32, "INT64": np.int64}
+# what an input of each datatype is fed to torch as (BF16, which numpy lacks: float32, narrowed in _forward)
+_NP_DTYPES: dict[str, Any] = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16,
+                              "INT32": np.int32, "INT64": np.int64, "FP16": np.float16, "BF16": np.float32,
+                              "FP32": np.float32, "FP64": np.float64}
 MAX_REQUEST_SAMPLES = 4096  # one request's batch dimension; the body size limit bounds it too
 
 
@@ -170,8 +173,7 @@ class TorchBackend(Backend):
         self._output_shape = tuple(cfg.output_shape or probe.shape[1:])
         if tuple(probe.shape[1:]) != self._output_shape:
             raise _Refused(f"output_shape {list(self._output_shape)} does not match the model's {list(probe.shape[1:])}")
-        self._output_datatype = "INT64" if probe.dtype.kind in "iu" else "FP32"
-        self._metadata_body = orjson.dumps(self._metadata())
+        self._metadata_body = orjson.dumps(self._metadata())  # (_forward set the output's datatype)
 
     def _declared_input_shape(self) -> tuple[int, ...] | None:
         for spec in self.model.inputs or ():
@@ -212,18 +214,22 @@ class TorchBackend(Backend):
             return self._forward_each(inputs)
         x = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         tensor = torch.from_numpy(x)
+        if self.config.input_datatype == "BF16":
+            tensor = tensor.to(torch.bfloat16)
         if loaded.device != "cpu":
             tensor = tensor.to(loaded.device, non_blocking=True)
         with torch.inference_mode():
             out = loaded.module(tensor)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        if out.is_floating_point() and out.dtype != torch.float32:
-            out = out.float()
-        elif not out.is_floating_point():
-            out = out.long()
-        if self._dynamic():  # not known from a test run at load: the model's answers tell
-            self._output_datatype = "FP32" if out.is_floating_point() else "INT64"
+        # the output keeps its datatype (a BF16 model answers BF16); one v2 has no name for is widened
+        datatype = _V2_OF_TORCH.get(str(out.dtype).removeprefix("torch."))
+        if datatype is None:
+            datatype = "FP32" if out.is_floating_point() else "INT64"
+            out = out.float() if out.is_floating_point() else out.long()
+        elif datatype == "BF16":
+            out = out.float()  # numpy has no bfloat16: float32 values, encoded as BF16 on the wire
+        self._output_datatype = datatype  # a test run at load sets it; a -1-dimension model's answers tell
         return out.cpu().numpy()
 
     def ready(self) -> bool:
@@ -306,7 +312,7 @@ class TorchBackend(Backend):
     def _parse(self, payload: Any, checked: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The request's single input tensor as an array of shape (n, *input_shape); 400 on any mismatch.
 
-        What this model takes (one input, its name, FP32 or INT64, its shape, at most
+        What this model takes (one input, its name, a number datatype, its shape, at most
         ``MAX_REQUEST_SAMPLES`` rows) is checked here; whether the values are valid v2
         data (types, ranges, count, rectangular nesting) is ``gateway.v2``'s one check.
         ``checked`` holds what the validate stage made of this very document (the
@@ -323,8 +329,9 @@ class TorchBackend(Backend):
         if t.get("name") != cfg.input_name:
             raise InvalidRequest(f"unknown input {t.get('name')!r}; model {self.name} takes {cfg.input_name!r}")
         datatype = t.get("datatype")
-        if datatype not in _NP_DTYPES:
-            raise InvalidRequest(f"input {cfg.input_name!r}: datatype must be FP32 or INT64, got {datatype!r}")
+        if datatype not in _NP_DTYPES:  # BYTES among them: a torch model takes numbers
+            raise InvalidRequest(f"input {cfg.input_name!r}: datatype must be {cfg.input_datatype} (a torch model "
+                                 f"takes numbers), got {datatype!r}")
         shape = t.get("shape")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
                 or not self._shape_fits(shape) or not 1 <= shape[0] <= MAX_REQUEST_SAMPLES):
@@ -349,6 +356,10 @@ class TorchBackend(Backend):
         array = np.asarray(t["data"])
         with np.errstate(over="ignore", invalid="ignore"):
             return array.reshape(shape).astype(self._input_dtype(), copy=False)
+
+
+_V2_OF_TORCH = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32",
+                "int64": "INT64", "float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64"}
 
 
 class _Refused(Exception):

@@ -37,7 +37,8 @@ class TorchBackendConfig:
     output_name: str = "output"
     input_shape: list[int] | None = None  # one sample, no batch dimension; default: the arch's
     output_shape: list[int] | None = None
-    input_datatype: Literal["FP32", "INT64"] = "FP32"  # what the model's forward() takes
+    input_datatype: Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32",
+                            "FP64"] = "FP32"  # what the model's forward() takes
     version: str = "1"
     allow_torchscript: bool = False  # TorchScript is code: refused unless set (and then its ops are checked)
     min_version: int | None = None  # refuse a signed artifact whose signed model version is lower
