@@ -216,10 +216,15 @@ async def send(request: web.BaseRequest, ctx: RequestContext, response: BackendR
         payload = response.body or b""
         ctx.status, ctx.bytes_out = response.status, len(payload)
         return web.Response(status=response.status, body=payload, headers=headers)
-    out = web.StreamResponse(status=response.status, headers=headers)
+    out = _HeadWithFirstChunk(status=response.status, headers=headers)
     ctx.status = response.status
     try:
         await out.prepare(request)
+        ready = getattr(response.stream, "ready", None)
+        if ready is None or not ready():  # the first chunk may take a while (a model's first token): head now
+            writer = out._payload_writer
+            if writer is not None:
+                writer.send_headers()
         await _relay(out, response.stream, ctx)
         await out.write_eof()
     except (ConnectionResetError, BrokenPipeError, asyncio.CancelledError):
@@ -233,6 +238,17 @@ async def send(request: web.BaseRequest, ctx: RequestContext, response: BackendR
             if inspect.isawaitable(result):
                 await result
     return out
+
+
+class _HeadWithFirstChunk(web.StreamResponse):
+    """A streamed answer whose head waits for its first chunk when that chunk is already here.
+
+    aiohttp sends a ``StreamResponse``'s head on ``prepare``; buffered (as aiohttp does for a whole
+    ``Response``), head and first chunk leave in one write: one syscall and one client wake-up less on
+    the way to the first token. ``send`` flushes the head at once when the first chunk is not here yet.
+    """
+
+    _send_headers_immediately = False
 
 
 async def _relay(out: web.StreamResponse, stream: AsyncIterator[bytes], ctx: RequestContext) -> None:

@@ -105,6 +105,10 @@ class StreamRelay:
             return out if hiding else chunk  # not hiding: the bytes pass as they came
         return chunk
 
+    def ready(self) -> bool:
+        """Whether the next chunk is already here (the writer then sends the answer's head with it)."""
+        return not self._done and self._resp.ready()
+
     def release(self) -> None:
         """Free the upstream connection (closed, not pooled, if the body was not read to the end)."""
         self._done = True

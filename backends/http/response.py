@@ -135,6 +135,10 @@ class Response:
         self._conn.resume()  # (a no-op unless _feed paused the socket)
         return chunk
 
+    def ready(self) -> bool:
+        """Whether a body chunk is buffered, so that ``take()`` returns it at once."""
+        return bool(self._chunks)
+
     def arrival(self) -> asyncio.Future[None]:
         """A future done when a chunk, the end or an error arrives (await it when ``take()`` gave None).
 

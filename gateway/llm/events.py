@@ -137,6 +137,11 @@ class WatchedStream:
     def __aiter__(self) -> WatchedStream:
         return self
 
+    def ready(self) -> bool:
+        """Whether the inner stream's next chunk is already here (False when it cannot tell)."""
+        ready = getattr(self._inner, "ready", None)
+        return bool(ready()) if ready is not None else False
+
     async def __anext__(self) -> bytes:
         try:
             chunk = await self._inner.__anext__()
