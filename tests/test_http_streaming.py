@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -299,3 +300,29 @@ async def test_json_error_to_a_stream_request_is_read_whole() -> None:
         response = await backend.handle(ctx)
     assert response.status == 400 and response.stream is None
     assert orjson.loads(response.body) == {"error": {"message": "context too long"}}
+
+
+async def test_the_head_does_not_wait_for_a_slow_first_token(tmp_path, keys) -> None:
+    """The head leaves with the first chunk only when that chunk is already there: an upstream that sends its
+    head and then thinks (a model's prefill) has its head relayed at once, before any token exists."""
+    from tests.harness import ALLOW_ANALYSTS, openai_model
+
+    first_token = asyncio.Event()
+
+    async def thinking(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await first_token.wait()  # released by the client only once it holds the head
+        await response.write(sse(chunk("t")) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    body = {"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with (harness.upstream(thinking) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw):
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(10):  # a held head would wait for a token that never comes
+                async with session.post(gw.url + CHAT, json=body, headers=keys.auth()) as r:
+                    assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                    first_token.set()
+                    assert b'"content":"t"' in await r.read()

@@ -227,6 +227,19 @@ async def test_silent_upstream_is_a_read_timeout(server) -> None:
     pool.close()
 
 
+async def test_a_reused_connection_keeps_the_next_exchanges_limit(server) -> None:
+    """A connection's one timer outlives its exchanges; one left pending by a long limit must not stretch a
+    later, shorter one on the same connection: the silent second answer times out on its own limit."""
+    up = await server(lambda n, _h: OK if n == 1 else None)  # answers once, then never again
+    pool = new_pool()
+    assert (await fetch(pool, up.origin, timeout=60))[:2] == (200, b"{}")  # leaves a timer due in a minute
+    async with asyncio.timeout(10):  # the pending timer would wait 60 s
+        with pytest.raises(ReadTimeout):
+            await fetch(pool, up.origin, timeout=0.2)
+    assert up.connections == 1  # the same connection, reused
+    pool.close()
+
+
 async def test_closed_port_is_connect_failed() -> None:
     import socket
 
