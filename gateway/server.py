@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import ssl
 from dataclasses import dataclass
@@ -21,74 +20,65 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from .app import Gateway
 from .config import GatewayConfig, TlsConfig
-from .connection_limits import ClientLimits, ConnectionCounter, GuardedRequestHandler, head_refusal
-from .http_door import HttpDoor, error_body
+from .connection_limits import ClientLimits, ConnectionCounter
+from .http_connection import ClientConnection
+from .http_door import HttpDoor
 from .plugins import PluggedModel
 
 log = logging.getLogger("maas.server")
 
 
-class _JsonErrorRequestHandler(GuardedRequestHandler):
-    """aiohttp answers unparseable HTTP itself (bad framing, two Content-Lengths); keep our JSON shape there too."""
+class PublicListener:
+    """The public port: accepts connections, gives each a ``ClientConnection``, drains them on stop."""
 
-    __slots__ = ()
+    def __init__(self, door: HttpDoor, counter: ConnectionCounter, *, keepalive_timeout_s: float) -> None:
+        self.door = door
+        self.counter = counter
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.draining = False  # answers say Connection: close; idle connections are closed
+        self._connections: set[ClientConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._emptied: asyncio.Event | None = None
 
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        kind = "invalid_request" if 400 <= status < 500 else "internal_error"
-        text = "malformed HTTP request" if kind == "invalid_request" else "internal error"
-        if status == 413:
-            kind, text = "payload_too_large", "request too large"
-        refusal = head_refusal(exc)  # 408/431 from the connection limits, or aiohttp's own header limits
-        if refusal is not None:
-            status, kind, text = refusal.status, refusal.type, refusal.message
-        rid = os.urandom(12).hex()
-        headers = {"Content-Type": "application/json", "Connection": "close", "X-Request-ID": rid}
-        response = web.Response(status=status, body=error_body(kind, text, rid), headers=headers)
-        response.force_close()
-        return response
+    def opened(self, connection: ClientConnection) -> None:
+        self._connections.add(connection)
 
+    def closed(self, connection: ClientConnection) -> None:
+        self._connections.discard(connection)
+        if not self._connections and self._emptied is not None:
+            self._emptied.set()
 
-class _Server(web.Server):
-    def __init__(self, handler: Any, *, counter: ConnectionCounter, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.counter = counter  # the listener's open connections, shared by all its handlers
+    async def listen(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None, reuse_port: bool,
+                     handshake_timeout_s: float) -> int:
+        """Listen; the bound port. The TLS handshake is held to the head deadline: a peer that opens a
+        TLS connection and never finishes the handshake would otherwise hold it for asyncio's 60 s,
+        before the connection (and its head deadline and caps) ever sees it."""
+        loop = asyncio.get_running_loop()
+        self._server = server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True,
+            reuse_port=reuse_port or None, ssl=ssl_context,
+            ssl_handshake_timeout=handshake_timeout_s if ssl_context is not None else None)
+        return int(server.sockets[0].getsockname()[1]) if server.sockets else port
 
-    def __call__(self) -> RequestHandler:  # type: ignore[override]
-        return _JsonErrorRequestHandler(self, loop=self._loop, counter=self.counter, **self._kwargs)
-
-
-class _Site(web.TCPSite):
-    """aiohttp's TCP site, with the TLS handshake held to the head deadline.
-
-    A peer that opens a TLS connection and never finishes the handshake would
-    otherwise hold it for asyncio's default 60 s, before our protocol (and its
-    head deadline and connection caps) ever sees it.
-    """
-
-    __slots__ = ("_handshake_timeout_s",)
-
-    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._handshake_timeout_s = handshake_timeout_s
-
-    async def start(self) -> None:
-        if self._ssl_context is None:
-            return await super().start()
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=self._handshake_timeout_s)
-        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting; let requests under way finish (up to ``timeout_s``); then close what is left."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        self._emptied = asyncio.Event()
+        for connection in list(self._connections):
+            connection.close_when_idle()
+        if self._connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), timeout_s)
+        left = [connection.task for connection in self._connections if connection.task is not None]
+        for connection in list(self._connections):
+            connection.abort()
+        if left:  # their cleanups (quota, audit) run before the gateway closes
+            await asyncio.wait(left, timeout=2.0)
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -134,13 +124,15 @@ class Running:
     """A started gateway and its listeners (used by ``serve`` and by the tests)."""
 
     gateway: Gateway
-    runners: list[web.BaseRunner]
+    listener: PublicListener
+    runners: list[web.BaseRunner]  # the admin port's
     port: int
     admin_port: int | None
     connections: ConnectionCounter | None = None  # the main listener's open connections and refusals
 
     async def stop(self) -> None:
         """Graceful: stop listening, drain in-flight requests, then close backends and flush audit."""
+        await self.listener.stop(self.gateway.config.server.shutdown_timeout_s)
         for runner in self.runners:
             await runner.cleanup()
         await self.gateway.close()
@@ -156,25 +148,15 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
         await gateway.close()
         raise
     server_cfg = config.server
-    jwt = config.auth.jwt
-    # headers up to 32 KiB reach us, so a too-long token is our 401 rather than the HTTP parser's 400
-    max_field = max(32_768, (jwt.max_token_bytes if jwt else 0) * 2)
     counter = ConnectionCounter(ClientLimits.from_config(server_cfg))
     gateway.metrics.watch_connections(counter)
-    door = HttpDoor(gateway, tls=server_cfg.tls is not None)
-    server = _Server(door.handle, handler_cancellation=True, access_log=None, max_field_size=max_field,
-                     keepalive_timeout=server_cfg.keepalive_timeout_s, counter=counter)
-    runner = web.ServerRunner(server, shutdown_timeout=server_cfg.shutdown_timeout_s)
+    listener = PublicListener(HttpDoor(gateway), counter, keepalive_timeout_s=server_cfg.keepalive_timeout_s)
     runners: list[web.BaseRunner] = []
     try:
-        await runner.setup()
-        runners.append(runner)
         ssl_context = tls_context(server_cfg.tls) if server_cfg.tls else None
-        site = _Site(runner, server_cfg.host, server_cfg.port if port is None else port,
-                     ssl_context=ssl_context, reuse_port=reuse_port or None, backlog=1024,
-                     handshake_timeout_s=server_cfg.header_timeout_s)
-        await site.start()
-        bound = _bound_port(runner)
+        bound = await listener.listen(server_cfg.host, server_cfg.port if port is None else port,
+                                      ssl_context=ssl_context, reuse_port=reuse_port,
+                                      handshake_timeout_s=server_cfg.header_timeout_s)
         bound_admin = None
         if config.admin is not None:
             arunner = web.AppRunner(admin_app(gateway), access_log=None, shutdown_timeout=2)
@@ -185,11 +167,12 @@ async def start(config: GatewayConfig, *, port: int | None = None, admin_port: i
             await asite.start()
             bound_admin = _bound_port(arunner)
     except BaseException:
+        await listener.stop(0)
         for r in runners:
             await r.cleanup()
         await gateway.close()
         raise
-    return Running(gateway, runners, bound, bound_admin, counter)
+    return Running(gateway, listener, runners, bound, bound_admin, counter)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

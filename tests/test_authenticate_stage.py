@@ -90,7 +90,7 @@ async def test_certificate_is_not_an_identity_without_auth_mtls(jwks_file):
 
 
 async def test_unverified_connection_is_no_certificate(stage):
-    from gateway.http_door import client_certificate
+    from gateway.http_request import client_certificate
 
     class Unverified:  # a TLS server that asked for no client certificate cannot have verified one
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
