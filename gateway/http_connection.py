@@ -41,6 +41,7 @@ from .connection_limits import ConnectionCounter, WriteWatch
 from .errors import GatewayError, InvalidRequest, RequestHeaderFieldsTooLarge, RequestTimeout
 from .http_body import IncomingBody
 from .http_request import HttpRequest, client_certificate
+from .http_writer import AnswerWriter
 from .socket_probes import abort_with_reset
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class _Ignored(Exception):
 class Door(Protocol):
     """What answers a request (``gateway.http_door.HttpDoor``)."""
 
-    async def answer(self, request: HttpRequest, connection: ClientConnection) -> None: ...
+    async def answer(self, request: HttpRequest, writer: AnswerWriter) -> None: ...
 
     def refusal(self, error: GatewayError) -> tuple[int, list[tuple[str, str]], bytes]: ...
 
@@ -92,9 +93,8 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("_listener", "_counter", "_loop", "_tr", "_parser", "peer", "_secure", "_subject", "_url",
                  "_headers", "_head_open", "_head_size", "_head_bytes", "_read_accounted", "_incoming", "_queue",
-                 "_task", "_closing", "_refused", "_paused_reading", "_writing_paused", "_drain", "_watch",
-                 "_due", "_due_is_head", "_timer", "_timer_at", "_stream_head", "_stream_chunked",
-                 "_stream_head_only", "_lingering")
+                 "_task", "_refused", "_paused_reading", "_writer", "_watch", "_due", "_due_is_head", "_timer",
+                 "_timer_at", "_lingering")
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
@@ -114,20 +114,15 @@ class ClientConnection(asyncio.Protocol):
         self._incoming: HttpRequest | None = None  # the request whose body is arriving
         self._queue: deque[HttpRequest | GatewayError] = deque()  # waiting for (or getting) an answer, in order
         self._task: asyncio.Task[None] | None = None
-        self._closing = False  # close once the answer being written is out
         self._refused = False  # a head was refused: nothing more of this connection is parsed
         self._lingering = False  # reading only to drop the rest of an answered request's body
         self._paused_reading = 0
-        self._writing_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._writer: AnswerWriter | None = None
         self._watch: WriteWatch | None = None
         self._due = 0.0  # the idle or head deadline; 0: none
         self._due_is_head = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._stream_head: bytes | None = None  # a streamed answer's head, held until its first chunk
-        self._stream_chunked = True
-        self._stream_head_only = False
 
     # -- the connection ------------------------------------------------------------------
 
@@ -146,7 +141,8 @@ class ClientConnection(asyncio.Protocol):
         # a byte the client leaves unread pauses writing, and so starts the write deadline (not 0: asyncio's
         # TLS transport pauses on `size >= high`)
         tr.set_write_buffer_limits(1)
-        self._watch = WriteWatch(tr, self._counter, ip, lambda: self._writing_paused)
+        self._watch = watch = WriteWatch(tr, self._counter, ip, lambda: writer.paused)
+        self._writer = writer = AnswerWriter(tr, watch, secure=self._secure, must_close=self._must_close)
         self._listener.opened(self)
         self._clock(self._listener.keepalive_timeout_s, head=False)
 
@@ -160,19 +156,17 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._watch is not None:
-            self._watch.close()
+        if self._writer is not None:
+            self._writer.lost()
         if self._incoming is not None:
             self._incoming.body.lost()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionResetError("client connection closed"))
         if self._task is not None:
             self._task.cancel()  # the client is gone: its request stops where it is (its cleanup still runs)
 
     def close_when_idle(self) -> None:
         """Graceful stop: close now if no request is under way, else once its answer is out."""
-        self._closing = True
+        if self._writer is not None:
+            self._writer.closing = True
         if self._task is None and not self._queue and self._tr is not None:
             self._tr.close()
 
@@ -366,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
     # -- answering, in order -----------------------------------------------------------------
 
     async def _serve(self) -> None:
-        queue, door = self._queue, self._listener.door
+        queue, door, writer = self._queue, self._listener.door, self.writer
         try:
             while queue and self._tr is not None:
                 request = queue[0]
@@ -374,18 +368,18 @@ class ClientConnection(asyncio.Protocol):
                     self._answer_refusal(request)
                     return
                 try:
-                    await door.answer(request, self)
+                    await door.answer(request, writer)
                 except ConnectionError:  # the client went away while its answer was written
                     self._close()
                     return
                 queue.popleft()
                 if self._paused_reading & _PAUSED_BY_BACKLOG and len(queue) < PIPELINE_HIGH // 2:
                     self.resume_reading(_PAUSED_BY_BACKLOG)
-                if self._closing:
+                if writer.closing:
                     self._close()
                     return
-                if self._writing_paused:  # the client has not taken this answer: the next one waits for it
-                    await self._drained()
+                if writer.paused:  # the client has not taken this answer: the next one waits for it
+                    await writer.drained()
         finally:
             self._task = None
             if self._tr is not None and not queue and not self._head_open and not self._refused:
@@ -427,101 +421,21 @@ class ClientConnection(asyncio.Protocol):
         if self._tr is not None:
             self._tr.close()
 
-    # -- writing (called by the door) --------------------------------------------------------
+    # -- writing: ``http_writer.AnswerWriter`` ---------------------------------------------
 
-    def _closes_after(self, request: HttpRequest) -> bool:
-        if not request.keep_alive or not request.body.complete or self._listener.draining or self._refused:
-            self._closing = True
-        return self._closing
+    @property
+    def writer(self) -> AnswerWriter:
+        """What the door writes this connection's answers through (set once the connection is made)."""
+        assert self._writer is not None
+        return self._writer
 
-    def frame(self, request: HttpRequest, status: int, headers: list[tuple[str, str]], body: bytes) -> list[bytes]:
-        """A whole answer's bytes (``HeaderInjection`` if a header would split it); ``write`` sends them."""
-        close = self._closes_after(request)
-        head = http_answer.head(status, headers, length=len(body), close=close,
-                                keep_alive_1_0=request.http_1_0 and not close)
-        if request.head_only or not body or status in http_answer.NO_BODY:
-            return [head]
-        if len(body) < 65_536:
-            return [head + body]  # one write, one segment
-        return [head, body]  # no copy of a large answer into one buffer
-
-    def write(self, framed: list[bytes]) -> None:
-        tr = self._tr
-        if tr is None or tr.is_closing():
-            raise ConnectionResetError("client connection closed")
-        if len(framed) == 1:
-            tr.write(framed[0])
-        else:
-            tr.writelines(framed)
-        if self._secure and not self._closing and self._watch is not None:
-            self._watch.after_tls_answer()
-
-    def start_stream(self, request: HttpRequest, status: int, headers: list[tuple[str, str]]) -> None:
-        """A streamed answer: its head waits for the first chunk (one write, one client wake-up less)."""
-        chunked = not request.http_1_0  # an HTTP/1.0 client reads until the connection closes
-        if not chunked:
-            self._closing = True
-        close = self._closes_after(request)
-        self._stream_head = http_answer.head(status, headers, length=None, close=close)
-        self._stream_chunked = chunked
-        self._stream_head_only = request.head_only
-
-    def flush_head(self) -> None:
-        """Send a streamed answer's head now (its first chunk may take a while: a model's first token)."""
-        head = self._stream_head
-        if head is not None and self._tr is not None:
-            self._stream_head = None
-            self._tr.write(head)
-
-    async def send_chunk(self, data: bytes) -> None:
-        tr = self._tr
-        if tr is None or tr.is_closing():
-            raise ConnectionResetError("client connection closed")
-        if self._stream_head_only:
-            self.flush_head()
-            return
-        framed = http_answer.chunk(data) if self._stream_chunked else data
-        head = self._stream_head
-        if head is not None:
-            self._stream_head = None
-            framed = head + framed
-        tr.write(framed)
-        if self._writing_paused:  # the client has not taken everything: wait for it (its write deadline runs)
-            await self._drained()
-
-    def end_stream(self) -> None:
-        self.flush_head()
-        if self._tr is not None and self._stream_chunked and not self._stream_head_only:
-            self._tr.write(http_answer.LAST_CHUNK)
-
-    def cut_stream(self) -> None:
-        """The answer has started and cannot be finished: the only honest signal left is to cut it."""
-        self._stream_head = None
-        self._closing = True
-        if self._tr is not None:
-            self._tr.close()
-
-    # -- flow control of writes ----------------------------------------------------------------
+    def _must_close(self) -> bool:
+        return self._listener.draining or self._refused
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
-        if self._watch is not None:
-            self._watch.start()
+        if self._writer is not None:
+            self._writer.pause()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._watch is not None:
-            self._watch.stop()  # everything was handed to the kernel; the timer, if any, lapses
-        drain = self._drain
-        if drain is not None:
-            self._drain = None
-            if not drain.done():
-                drain.set_result(None)
-
-    async def _drained(self) -> None:
-        if self._tr is None:
-            raise ConnectionResetError("client connection closed")
-        drain = self._drain
-        if drain is None:
-            drain = self._drain = self._loop.create_future()
-        await drain
+        if self._writer is not None:
+            self._writer.resume()

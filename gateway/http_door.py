@@ -26,7 +26,7 @@ from .http_request import HttpRequest
 
 if TYPE_CHECKING:
     from .app import Gateway
-    from .http_connection import ClientConnection
+    from .http_writer import AnswerWriter
     from .pipeline import BackendResponse, RequestContext
 
 log = logging.getLogger("maas.gateway")
@@ -44,7 +44,7 @@ class HttpDoor:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def answer(self, request: HttpRequest, connection: ClientConnection) -> None:
+    async def answer(self, request: HttpRequest, connection: AnswerWriter) -> None:
         gateway = self.gateway
         ctx = gateway.begin(request)
         framed: list[bytes] | None = None
@@ -94,7 +94,7 @@ def whole(ctx: RequestContext, response: BackendResponse) -> Answer:
     return response.status, _headers(ctx, response), payload
 
 
-async def relay(connection: ClientConnection, request: HttpRequest, ctx: RequestContext,
+async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestContext,
                 response: BackendResponse) -> None:
     """Write a streamed answer's chunks as they come; the head leaves with the first chunk when it is here.
 
