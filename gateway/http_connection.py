@@ -163,6 +163,18 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()  # the client is gone: its request stops where it is (its cleanup still runs)
 
+    def eof_received(self) -> bool:
+        """The client sent all it will (a half-close): what it asked is still answered, then the connection ends."""
+        incoming = self._incoming
+        if incoming is not None:
+            self._incoming = None
+            incoming.body.lost()
+        if self._task is None or self._writer is None or self._secure:
+            return False  # nothing under way (or TLS, which cannot stay half-open): close now
+        self._writer.closing = True
+        self._stop_reading()
+        return True
+
     def close_when_idle(self) -> None:
         """Graceful stop: close now if no request is under way, else once its answer is out."""
         if self._writer is not None:
@@ -370,6 +382,10 @@ class ClientConnection(asyncio.Protocol):
                 try:
                     await door.answer(request, writer)
                 except ConnectionError:  # the client went away while its answer was written
+                    self._close()
+                    return
+                except Exception:  # never a connection left waiting on an answer that will not come
+                    log.exception("answering a request failed; connection from %s closed", self.peer)
                     self._close()
                     return
                 queue.popleft()

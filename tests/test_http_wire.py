@@ -425,3 +425,32 @@ async def test_many_requests_on_one_connection_keep_no_state_between_them(w: Wir
             assert refusal(answer, 401)["type"] == "unauthenticated"
         ids.add(answer.get("X-Request-ID"))
     assert len(ids) == 200 and len(upstream.seen) == 100
+
+
+async def test_a_long_pipeline_is_answered_whole_and_in_order(w: Wire, upstream: Any, auth: str) -> None:
+    """Past 16 requests parsed ahead of their answers the server stops reading the socket, and must start
+    again as answers go out: 60 pipelined requests in one write all come back, in order."""
+    await w.send(b"".join(request(auth=auth, headers=f"X-Request-ID: p-{i}\r\n") for i in range(60)))
+    answers = [await w.answer() for _ in range(60)]
+    assert [a.get("X-Request-ID") for a in answers] == [f"p-{i}" for i in range(60)]
+    assert {a.status for a in answers} == {200} and len(upstream.seen) == 60
+
+
+async def test_a_half_closed_client_still_gets_its_answer(w: Wire, upstream: Any, auth: str) -> None:
+    """A client may shut down its sending side once the request is out (``nc -N``, some scripts): it is
+    still answered, then the connection ends."""
+    await w.send(request(auth=auth))
+    w.sock.shutdown(socket.SHUT_WR)
+    served_infer(await w.answer())
+    assert await w.closes(2) == (b"", True)
+
+
+async def test_trailers_over_the_head_cap_are_refused(tmp_path: Path, keys: Keys, upstream: Any, auth: str) -> None:
+    """A chunked body's trailer section is headers after the body: it has the same cap as the head, or a
+    client could make the parser buffer a header without end."""
+    gw = await gateway(tmp_path, keys, upstream, max_header_bytes=2048)
+    async with stopping(gw), wire(gw) as w:
+        await w.send(chunked_infer(auth, b"X-Trailer: " + b"a" * 4096 + b"\r\n"))
+        answer, closed = await w.closes(3)
+        assert closed and b" 200 " not in answer.split(b"\r\n", 1)[0]
+        assert upstream.seen == []
