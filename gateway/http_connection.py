@@ -164,16 +164,9 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()  # the client is gone: its request stops where it is (its cleanup still runs)
 
     def eof_received(self) -> bool:
-        """The client sent all it will (a half-close): what it asked is still answered, then the connection ends."""
-        incoming = self._incoming
-        if incoming is not None:
-            self._incoming = None
-            incoming.body.lost()
-        if self._task is None or self._writer is None or self._secure:
-            return False  # nothing under way (or TLS, which cannot stay half-open): close now
-        self._writer.closing = True
-        self._stop_reading()
-        return True
+        """The client closed its side: taken as gone, as nginx does (a FIN cannot tell a half-close from a
+        hang-up), so its request stops where it is (status 499) and frees what it holds upstream."""
+        return False
 
     def close_when_idle(self) -> None:
         """Graceful stop: close now if no request is under way, else once its answer is out."""

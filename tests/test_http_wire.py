@@ -436,15 +436,6 @@ async def test_a_long_pipeline_is_answered_whole_and_in_order(w: Wire, upstream:
     assert {a.status for a in answers} == {200} and len(upstream.seen) == 60
 
 
-async def test_a_half_closed_client_still_gets_its_answer(w: Wire, upstream: Any, auth: str) -> None:
-    """A client may shut down its sending side once the request is out (``nc -N``, some scripts): it is
-    still answered, then the connection ends."""
-    await w.send(request(auth=auth))
-    w.sock.shutdown(socket.SHUT_WR)
-    served_infer(await w.answer())
-    assert await w.closes(2) == (b"", True)
-
-
 async def test_trailers_over_the_head_cap_are_refused(tmp_path: Path, keys: Keys, upstream: Any, auth: str) -> None:
     """A chunked body's trailer section is headers after the body: it has the same cap as the head, or a
     client could make the parser buffer a header without end."""

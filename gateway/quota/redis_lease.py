@@ -3,12 +3,15 @@
 A replica asks Redis for a few rate tokens at once (``lease_size``) and hands
 them out locally until they are spent or ``LEASE_WINDOW_S`` has passed. The
 tokens leave the global bucket before they are used, so leasing never admits
-more than the global limit. Buckets that hold a slot or a token reservation are
+more than the global limit. While an allowance is on its way, the bucket's
+other requests wait for it rather than each asking Redis for a token: under
+load a burst of requests costs one round trip, not one each. Buckets that hold a slot or a token reservation are
 never leased: every such request is one exact ``acquire.lua`` run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -54,7 +57,9 @@ class Leases:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock  # the seam for tests: a fake clock instead of waiting out LEASE_WINDOW_S
         self._leases: ClearWhenFull[str, Lease] = ClearWhenFull(MAX_LEASES)
-        self._asking: set[str] = set()  # one allowance request in flight per bucket; the others ask for 1
+        # one allowance request in flight per bucket, done with whether it granted one; the bucket's other
+        # requests meanwhile wait for it instead of each asking Redis for a token of its own
+        self._asking: dict[str, asyncio.Future[bool]] = {}
 
     def spend(self, bucket: str, limits: Limits) -> tuple[Verdict | None, int]:
         """(the verdict when admitted from an allowance, else None; rate tokens to ask Redis for)."""
@@ -67,12 +72,18 @@ class Leases:
             return Verdict(True, "ok", lease.remaining + lease.tokens, lease.reset_s, 0), 1
         return None, (1 if bucket in self._asking else size)
 
-    def asking(self, bucket: str) -> None:
-        self._asking.add(bucket)
+    def pending(self, bucket: str) -> asyncio.Future[bool] | None:
+        """The allowance request in flight for ``bucket`` (done with whether it granted one), if any."""
+        return self._asking.get(bucket)
 
-    def done(self, bucket: str) -> None:
+    def asking(self, bucket: str) -> None:
+        self._asking[bucket] = asyncio.get_running_loop().create_future()
+
+    def done(self, bucket: str, *, granted: bool) -> None:
         """The allowance request for ``bucket`` came back (answered or failed)."""
-        self._asking.discard(bucket)
+        waiting = self._asking.pop(bucket, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(granted)
 
     def grant(self, bucket: str, reply: list[int]) -> Verdict | None:
         """Keep what ``acquire.lua`` granted beyond this request's token; the verdict, if it got more than one."""

@@ -163,6 +163,17 @@ class RedisStore:
             verdict, want = self._leases.spend(bucket, limits)
             if verdict is not None:  # admitted from this replica's allowance: no round trip
                 return verdict
+            pending = self._leases.pending(bucket)
+            if pending is not None:
+                # An allowance for this bucket is on its way: wait for it (one round trip for the many
+                # requests that arrive meanwhile, not one each). Refused, or spent before this request's
+                # turn: one exact call for one token, as without leases. (Shielded: a waiter whose client
+                # goes away must not cancel the allowance the others wait for.)
+                if await asyncio.shield(pending):
+                    verdict, _ = self._leases.spend(bucket, limits)
+                    if verdict is not None:
+                        return verdict
+                want = 1
         keys = self.keys(bucket)
         wire = self._limit_args.get(limits)
         if wire is None:
@@ -170,11 +181,12 @@ class RedisStore:
                                                f"{limits.tokens_per_minute} {limits.per_day} {limits.per_month}")
         if want > 1:
             self._leases.asking(bucket)
+            verdict = None
             try:
                 r = await self._submit(ACQUIRE, keys, (wire, slot, cost, want, 1), None)
+                verdict = self._leases.grant(bucket, r)
             finally:
-                self._leases.done(bucket)
-            verdict = self._leases.grant(bucket, r)
+                self._leases.done(bucket, granted=verdict is not None)
             if verdict is not None:
                 return verdict
         else:
