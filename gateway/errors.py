@@ -94,7 +94,7 @@ class RequestTimeout(GatewayError):
 
 
 class RequestHeaderFieldsTooLarge(GatewayError):
-    """431: the request line and headers exceed ``server.max_header_bytes`` (or one header aiohttp's field limit)."""
+    """431: the request line and headers exceed ``server.max_header_bytes`` (or more than 128 header lines)."""
 
     status = 431
     type = "request_header_fields_too_large"

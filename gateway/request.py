@@ -1,14 +1,14 @@
 """The request as every stage sees it: small, typed, read-only, and the same whatever door it came through.
 
 A *door* is a listener that turns what its transport received into a
-``Request`` (today one door: HTTP, ``gateway.http_door``); the stages read
+``Request`` (today one door: HTTP, ``gateway.http_connection`` and ``gateway.http_door``); the stages read
 only this, never the transport's own object, so a second door (a gRPC
 listener) runs the same stages. What a door must provide:
 
 * ``method``, ``path`` (as received, not yet normalised: the path stage does
   that) and ``query`` (raw, forwarded as is);
 * ``headers``: a read-only, case-insensitive mapping in which a name may repeat
-  (``getall``): multidict's ``CIMultiDictProxy``, which the HTTP door does not copy;
+  (``getall``): multidict's ``CIMultiDictProxy``;
 * ``peer``: the address of whoever is on the other end of the connection;
 * ``secure`` (the connection is TLS) and ``client_subject``: the subject of a
   client certificate the TLS handshake verified, parsed once from the
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 
-# Read-only and case-insensitive; a name may repeat (``getall``). multidict is no transport's: the HTTP door hands
-# on aiohttp's own (no copy), another door wraps what it received.
+# Read-only and case-insensitive; a name may repeat (``getall``). multidict is no transport's: the HTTP door builds
+# one per request from what llhttp parsed (in C, one call), another door wraps what it received.
 Headers = CIMultiDictProxy[str]
 # Given the first bytes of a body still arriving: a tighter size limit once they tell one, else None.
 Refine = Callable[[bytes], "int | None"]
