@@ -98,20 +98,31 @@ async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestCont
                 response: BackendResponse) -> None:
     """Write a streamed answer's chunks as they come; the head leaves with the first chunk when it is here.
 
-    ``send_chunk`` waits whenever the client has not taken what was written (which also starts its write
-    deadline, ``connection_limits``): a client that stops reading is waited on, never written past, and
-    dropped at ``client_write_timeout_s``.
+    An upstream's stream (``push``) is written on from the upstream connection's own callback, chunk by
+    chunk, with no task woken per chunk; this coroutine then only waits for the end. Whenever the client
+    has not taken what was written (which also starts its write deadline, ``connection_limits``) chunks
+    queue instead and ``send_chunk`` waits here: a client that stops reading is waited on, never written
+    past, and dropped at ``client_write_timeout_s``.
     """
     stream: AsyncIterator[bytes] = response.stream
     connection.start_stream(request, response.status, _headers(ctx, response))
     ctx.status = response.status
+    push = getattr(stream, "push", None)  # an upstream's stream can be written on from its connection's callback
+    sent = 0
+
+    def pushed(data: bytes) -> bool:
+        nonlocal sent
+        sent += len(data)
+        return connection.push_chunk(data)
+
     try:
         ready = getattr(stream, "ready", None)
         if ready is None or not ready():  # the first chunk may take a while (a model's first token): head now
             connection.flush_head()
-        sent = 0
+        if push is not None:
+            push(pushed)
         try:
-            async for chunk in stream:
+            async for chunk in stream:  # pushed: wakes only for the end, or for what queued while the client lagged
                 if chunk:
                     await connection.send_chunk(chunk)
                     sent += len(chunk)

@@ -93,18 +93,26 @@ class AnswerWriter:
             self._tr.write(head)
 
     async def send_chunk(self, data: bytes) -> None:
-        tr = self._live()
+        self._live()
+        if self.push_chunk(data):  # the client has not taken everything: wait for it (its write deadline runs)
+            await self.drained()
+
+    def push_chunk(self, data: bytes) -> bool:
+        """``send_chunk`` without the wait, for a callback (a pushed stream): True when the client could
+        take no more (or is gone), so the caller stops pushing and waits in ``send_chunk``."""
+        tr = self._tr
+        if tr is None or tr.is_closing():
+            return True
         if self._head_only:
             self.flush_head()
-            return
+            return False
         framed = http_answer.chunk(data) if self._chunked else data
         head = self._head
         if head is not None:
             self._head = None
             framed = head + framed
         tr.write(framed)
-        if self.paused:  # the client has not taken everything: wait for it (its write deadline runs)
-            await self.drained()
+        return self.paused
 
     def end_stream(self) -> None:
         self.flush_head()

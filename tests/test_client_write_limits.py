@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
+import orjson
 from aiohttp import web
 
 from tests import harness
@@ -178,3 +180,62 @@ async def test_a_tls_handshake_that_never_finishes_is_closed_at_the_head_deadlin
         w.close()
 
 
+
+
+async def test_a_stream_pushed_past_a_slow_reader_arrives_whole_and_in_order(tmp_path: Path, keys: Keys,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream's stream is written from the upstream connection's callback while the client keeps up,
+    and queues (the writer waiting for the client) once it does not: across those switches, a reader that is
+    slow at first and fast later gets every event once, in order, and the usage the stream reported is read."""
+    count = 3000
+    from backends.http.response import Response
+
+    attached = []
+    push_to = Response.push_to
+
+    def counting(self: Response, sink: object) -> None:
+        attached.append(sink is not None and not self.ready())
+        push_to(self, sink)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Response, "push_to", counting)
+
+    async def numbered(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(count):
+            delta = {"content": f"{i:06d}" + "x" * 2500}  # ~7.5 MB in all: more than socket buffers hold
+            await response.write(b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": delta}]}) + b"\n\n")
+            if i % 500 == 0:
+                await asyncio.sleep(0.05)  # the reader catches up meanwhile: pushing starts again
+        usage = {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
+        await response.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with (harness.upstream(numbered) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
+                raw_socket(port_of(gw), rcvbuf=4096) as sock):
+        loop = asyncio.get_running_loop()
+        await send(sock, chat_request(keys, stream=True))
+        data = b""
+        started = time.monotonic()
+        while not data.endswith(b"0\r\n\r\n"):
+            slow = time.monotonic() - started < 1
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096 if slow else 1 << 20), 5)
+            assert chunk, "closed mid-stream"
+            data += chunk
+            if slow:
+                await asyncio.sleep(0.01)  # slow at first: socket buffers fill, chunks queue
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+        events = b""
+        while body:  # undo the chunked framing
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line, 16)
+            events, body = events + body[:size], body[size + 2:]
+        numbers = [int(line[line.index(b'"content":"') + 11:][:6]) for line in events.split(b"\n\n")
+                   if b'"content":"' in line]
+        assert numbers == list(range(count))
+        assert events.endswith(b"data: [DONE]\n\n")
+        assert attached.count(True) >= 3  # pushed from the start, then again each time the reader caught up

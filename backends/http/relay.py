@@ -45,7 +45,7 @@ class StreamRelay:
     """
 
     __slots__ = ("_resp", "_meter", "_scan_usage", "_hide_usage", "_drop_blank", "_on_failure", "_tail", "_done",
-                 "_released", "error")
+                 "_released", "error", "_sink")
 
     def __init__(
         self,
@@ -66,6 +66,7 @@ class StreamRelay:
         self._tail = b""
         self._done = False
         self._released = False
+        self._sink: Callable[[bytes], bool] | None = None  # push()
 
     def __aiter__(self) -> StreamRelay:
         return self
@@ -77,6 +78,8 @@ class StreamRelay:
         try:  # readany(), inline (one coroutine less per chunk)
             chunk = resp.take()
             while chunk is None:
+                if self._sink is not None:  # caught up: the next chunks go straight through again
+                    resp.push_to(self._sink)
                 await resp.arrival()
                 chunk = resp.take()
         except StreamExpired:  # max_stream_s: our limit, so a clean end for the client (the connection is dropped)
@@ -90,6 +93,29 @@ class StreamRelay:
             if rest:
                 return rest  # a last line without newline, held back; the next call ends the iteration
             raise StopAsyncIteration
+        return self._pass(chunk)
+
+    def push(self, write: Callable[[bytes], bool]) -> None:
+        """Relay in the upstream connection's callback: each chunk, scanned as ``__anext__`` scans it, goes
+        to ``write`` as it arrives, with no task woken (``Response.push_to``).
+
+        ``write`` returns True when the client could take no more; chunks then queue for ``__anext__``,
+        where the writer waits for the client, and pushing starts again whenever ``__anext__`` has nothing
+        left to return. The end, an error and ``max_stream_s`` still end the iteration through
+        ``__anext__``, which the writer keeps awaiting.
+        """
+        passed = self._pass
+
+        def sink(chunk: bytes) -> bool:
+            out = passed(chunk)
+            return write(out) if out else False
+
+        self._sink = sink
+        if not self._done:
+            self._resp.push_to(sink)  # (not while chunks are queued: they go first, through __anext__)
+
+    def _pass(self, chunk: bytes) -> bytes:
+        """What of a (non-empty) upstream chunk is relayed, its usage read on the way."""
         if self._scan_usage:
             # (find, not `in`: on 3.11 `bytes in bytes` first fails as an int and formats an error message)
             if not self._tail and chunk[-1] == 10 and not self._drop_blank and chunk.find(b'"usage"') < 0:
@@ -112,6 +138,7 @@ class StreamRelay:
     def release(self) -> None:
         """Free the upstream connection (closed, not pooled, if the body was not read to the end)."""
         self._done = True
+        self._resp.push_to(None)
         if not self._released:
             self._released = True
             self._resp.release()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .errors import ResponseTooLarge, UpstreamError
 
@@ -48,7 +48,7 @@ class Response:
     """
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_buffered", "_received", "_limit", "_whole", "_eof",
-                 "_error", "_waiter", "_released", "_loop")
+                 "_error", "_waiter", "_released", "_loop", "_sink")
 
     def __init__(self, conn: Feed, status: int, headers: list[tuple[str, str]]) -> None:
         self.status = status
@@ -64,6 +64,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: get_running_loop() is a getpid() call
+        self._sink: Callable[[bytes], bool] | None = None  # push_to()
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive)."""
@@ -150,6 +151,17 @@ class Response:
         self._waiter = waiter = loop.create_future()
         return waiter
 
+    def push_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Hand each body chunk to ``sink`` as it arrives, in the connection's own callback, instead of
+        queueing it and waking a reader per chunk (for a stream, that wake-up is most of its CPU per event).
+
+        ``sink`` returns True when whoever it writes to could take no more: it is detached then, and later
+        chunks queue for ``take()`` as without it (their reader waits for its consumer, and past
+        ``PAUSE_ABOVE`` the socket pauses). Attached only while nothing is queued, so chunks keep their
+        order. The end and errors still wake the reader, which ``take()``s them as before.
+        """
+        self._sink = sink if sink is None or not self._chunks else None
+
     def expire_after(self, seconds: float) -> None:
         """End a streamed body ``seconds`` from now (``StreamExpired`` after what was received), connection closed."""
         if not self._eof and self._error is None:
@@ -179,8 +191,14 @@ class Response:
 
     def _feed(self, chunk: bytes) -> None:
         """A body chunk from the parser. Raises ``ResponseTooLarge`` (inside the parser callback) past the cap."""
-        self._chunks.append(chunk)
         size = len(chunk)
+        sink = self._sink
+        if sink is not None:  # pushed: written on by the sink, never queued
+            self._received += size
+            if sink(chunk):
+                self._sink = None
+            return
+        self._chunks.append(chunk)
         self._buffered += size
         self._received += size
         if self._whole:  # the reader waits for the end: no pause, no wake-up per chunk
