@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from tests.harness import ALLOW_ANALYSTS, Keys, gateway, openai_model, upstream
-from tests.llm_fakes import RESPONSE_USAGE, Fake, Gate, vllm
+from tests.llm_fakes import RESPONSE_USAGE, Fake, Gate, _sse, response_object, vllm
 from tests.quota_support import delete_prefix, unique_prefix
 
 
@@ -220,3 +221,46 @@ async def test_redis_records_expire_with_responses_ttl(tmp_path, keys, redis_url
                 await alice.responses.retrieve(rid)
     finally:
         delete_prefix(redis_url, prefix)
+
+
+async def test_a_pushed_stream_holds_the_created_event_until_its_id_is_claimed(tmp_path, keys, monkeypatch):
+    """Streams are written from the upstream connection's callback, which cannot wait; the chunk that
+    carries a response id is handed back to the relay task and leaves only once the id is the caller's.
+    With a slow claim, the client must still see ``response.created`` after the claim, never before."""
+    from gateway.llm.ownership import MemoryOwners
+
+    claimed_at: list[float] = []
+    claim_owner = MemoryOwners.claim_owner
+
+    async def slow_claim(self: Any, key: str, value: str, ttl_s: int) -> bool:
+        await asyncio.sleep(0.3)
+        ok = await claim_owner(self, key, value, ttl_s)
+        claimed_at.append(asyncio.get_running_loop().time())
+        return ok
+
+    monkeypatch.setattr(MemoryOwners, "claim_owner", slow_claim)
+
+    async def late_first_event(request: web.Request) -> web.StreamResponse:
+        """The head at once, the events later: the relay is pushing by the time ``response.created`` comes."""
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await asyncio.sleep(0.2)
+        start = response_object("resp_late", "chat", status="in_progress")
+        await out.write(_sse("response.created", {"type": "response.created", "sequence_number": 0, "response": start}))
+        await asyncio.sleep(0.05)
+        done = response_object("resp_late", "chat")
+        await out.write(_sse("response.completed", {"type": "response.completed", "sequence_number": 1,
+                                                     "response": done}))
+        await out.write_eof()
+        return out
+
+    async with upstream(late_first_event) as up, gateway(tmp_path, keys, models={"chat": openai_model(up.url)},
+                                                         policy=ALLOW_ANALYSTS) as gw:
+        alice = client(gw, keys, "alice")
+        stream = await alice.responses.create(model="chat", input="hi", stream=True)
+        seen_at: dict[str, float] = {}
+        async for event in stream:
+            seen_at.setdefault(event.type, asyncio.get_running_loop().time())
+        assert claimed_at and seen_at["response.created"] >= claimed_at[0]
+        assert list(seen_at)[-1] == "response.completed"

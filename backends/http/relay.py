@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is relayed as it comes, never held back nor scanned
 STREAM_BROKEN = "upstream connection failed mid-stream"  # ``StreamRelay.error`` when the upstream broke off
+HOLD = 2  # what a pushed stream's writer returns for a chunk it hands back to ``__anext__`` unwritten
 
 
 class StreamRelay:
@@ -45,7 +46,7 @@ class StreamRelay:
     """
 
     __slots__ = ("_resp", "_meter", "_scan_usage", "_hide_usage", "_drop_blank", "_on_failure", "_tail", "_done",
-                 "_released", "error", "_sink")
+                 "_released", "error", "_sink", "_held")
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class StreamRelay:
         self._done = False
         self._released = False
         self._sink: Callable[[bytes], bool] | None = None  # push()
+        self._held: bytes | None = None  # a pushed chunk its writer handed back (HOLD): next out of __anext__
 
     def __aiter__(self) -> StreamRelay:
         return self
@@ -76,11 +78,17 @@ class StreamRelay:
             raise StopAsyncIteration
         resp = self._resp
         try:  # readany(), inline (one coroutine less per chunk)
+            chunk = self._unheld()
+            if chunk is not None:
+                return chunk  # scanned already, before the chunks queued after it
             chunk = resp.take()
             while chunk is None:
                 if self._sink is not None:  # caught up: the next chunks go straight through again
                     resp.push_to(self._sink)
                 await resp.arrival()
+                chunk = self._unheld()
+                if chunk is not None:
+                    return chunk
                 chunk = resp.take()
         except StreamExpired:  # max_stream_s: our limit, so a clean end for the client (the connection is dropped)
             self._finish(failed=False)  # a held-back partial line is dropped: cut by our deadline, it is no event
@@ -95,24 +103,38 @@ class StreamRelay:
             raise StopAsyncIteration
         return self._pass(chunk)
 
-    def push(self, write: Callable[[bytes], bool]) -> None:
+    def push(self, write: Callable[[bytes], int]) -> None:
         """Relay in the upstream connection's callback: each chunk, scanned as ``__anext__`` scans it, goes
         to ``write`` as it arrives, with no task woken (``Response.push_to``).
 
-        ``write`` returns True when the client could take no more; chunks then queue for ``__anext__``,
+        ``write`` returns True when the client could take no more, ``HOLD`` when it did not write the chunk
+        and must wait for something first (a response id's claim); chunks then queue for ``__anext__``,
         where the writer waits for the client, and pushing starts again whenever ``__anext__`` has nothing
         left to return. The end, an error and ``max_stream_s`` still end the iteration through
         ``__anext__``, which the writer keeps awaiting.
         """
-        passed = self._pass
+        passed, resp = self._pass, self._resp
 
         def sink(chunk: bytes) -> bool:
             out = passed(chunk)
-            return write(out) if out else False
+            if not out:
+                return False
+            wrote = write(out)
+            if wrote == HOLD:  # the writer must wait for something first: __anext__ hands the chunk back
+                self._held = out
+                resp.wake()
+                return True
+            return bool(wrote)
 
         self._sink = sink
         if not self._done:
             self._resp.push_to(sink)  # (not while chunks are queued: they go first, through __anext__)
+
+    def _unheld(self) -> bytes | None:
+        held = self._held
+        if held is not None:
+            self._held = None
+        return held
 
     def _pass(self, chunk: bytes) -> bytes:
         """What of a (non-empty) upstream chunk is relayed, its usage read on the way."""

@@ -184,6 +184,10 @@ class Response:
         finally:
             self._waiter = None
 
+    def wake(self) -> None:
+        """Wake a reader waiting in ``arrival()`` though nothing arrived (a pushed chunk handed back to it)."""
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -30,6 +30,8 @@ import orjson
 
 from .surfaces import ollama_usage, usage_tokens
 
+HOLD = 2  # a pushed chunk handed back unwritten (``backends.http.relay.HOLD``; the core names no backend)
+
 if TYPE_CHECKING:
     from ..usage import Usage
 
@@ -121,7 +123,7 @@ class WatchedStream:
     that carries it is handed on.
     """
 
-    __slots__ = ("_inner", "_watcher", "_claim", "_tail", "_markers", "_first", "_second")
+    __slots__ = ("_inner", "_watcher", "_claim", "_tail", "_markers", "_first", "_second", "_held_ids")
 
     def __init__(self, inner: AsyncIterator[bytes], watcher: Watcher,
                  claim: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -133,6 +135,7 @@ class WatchedStream:
         # the per-chunk test, unrolled (no generator per chunk): a chunk with neither marker is not split
         self._first = markers[0] if 0 < len(markers) <= 2 else None  # None: no markers, or more than two
         self._second = markers[1] if len(markers) == 2 else None
+        self._held_ids: list[str] | None = None  # ids seen in a pushed chunk handed back: claimed before it passes
 
     def __aiter__(self) -> WatchedStream:
         return self
@@ -148,28 +151,59 @@ class WatchedStream:
         except StopAsyncIteration:
             if self._tail:  # a last line without its newline
                 rest, self._tail = self._tail, b""
-                await self._lines(rest + b"\n")
+                for rid in self._events(rest + b"\n"):
+                    await self._claimed(rid)
             raise
         if chunk:
-            tail = self._tail
-            if not tail and chunk[-1] == 10:  # whole lines, the usual chunk: no copy, no slice
-                first = self._first
-                if first is None:
-                    if self._markers:
-                        await self._lines(chunk)
-                elif chunk.find(first) >= 0 or (self._second is not None and chunk.find(self._second) >= 0):
-                    await self._lines(chunk)  # (find: on 3.11 `bytes in bytes` formats an error message first)
-                return chunk
-            data = tail + chunk if tail else chunk
-            cut = data.rfind(b"\n") + 1
-            self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
-            if cut:
-                await self._lines(data[:cut])
+            held, self._held_ids = self._held_ids, None
+            for rid in held if held is not None else self._see(chunk):
+                await self._claimed(rid)
         return chunk
 
-    async def _lines(self, lines: bytes) -> None:
-        if not any(m in lines for m in self._markers):
+    def push(self, write: Callable[[bytes], int]) -> None:
+        """Watch in the upstream connection's callback when the inner stream can push (``StreamRelay.push``).
+
+        A chunk carrying an id to claim is not written there: the claim must be done before the chunk
+        reaches the client, so it is handed back (``HOLD``) and comes out of ``__anext__`` after its claim.
+        """
+        push = getattr(self._inner, "push", None)
+        if push is None:
             return
+        see = self._see
+
+        def watched(chunk: bytes) -> int:
+            ids = see(chunk)
+            if ids and self._claim is not None:
+                self._held_ids = ids
+                return HOLD
+            return write(chunk)
+
+        push(watched)
+
+    def _see(self, chunk: bytes) -> list[str]:
+        """Look at the complete lines of what has passed; the ids to claim before ``chunk`` is handed on."""
+        tail = self._tail
+        if not tail and chunk[-1] == 10:  # whole lines, the usual chunk: no copy, no slice
+            first = self._first
+            if first is None:
+                return self._events(chunk) if self._markers else []
+            if chunk.find(first) >= 0 or (self._second is not None and chunk.find(self._second) >= 0):
+                return self._events(chunk)  # (find: on 3.11 `bytes in bytes` formats an error message first)
+            return []
+        data = tail + chunk if tail else chunk
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:] if len(data) - cut <= MAX_LINE else b""
+        return self._events(data[:cut]) if cut else []
+
+    async def _claimed(self, rid: str) -> None:
+        if self._claim is not None:
+            await self._claim(rid)
+
+    def _events(self, lines: bytes) -> list[str]:
+        """Hand the watcher every marked event in ``lines``; the ids it asks to claim."""
+        if not any(m in lines for m in self._markers):
+            return []
+        rids: list[str] = []
         for line in lines.split(b"\n"):
             if not any(m in line for m in self._markers):
                 continue
@@ -190,8 +224,9 @@ class WatchedStream:
                 rid = self._watcher.event(doc)
             except Exception:  # noqa: BLE001 - a watcher bug must never break the stream
                 continue
-            if rid is not None and self._claim is not None:
-                await self._claim(rid)
+            if rid is not None:
+                rids.append(rid)
+        return rids
 
 
 WATCHERS: dict[str, type[Watcher]] = {
