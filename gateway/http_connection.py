@@ -29,6 +29,7 @@ rest of its body is never read, so it can never be taken for the next request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
@@ -93,7 +94,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("_listener", "_counter", "_loop", "_tr", "_parser", "peer", "_secure", "_subject", "_url",
                  "_headers", "_head_open", "_head_size", "_head_bytes", "_read_accounted", "_incoming", "_queue",
-                 "_task", "_refused", "_paused_reading", "_writer", "_watch", "_due", "_due_is_head", "_timer",
+                 "_task", "_refused", "_paused_reading", "_writer", "_due", "_due_is_head", "_timer",
                  "_timer_at", "_lingering")
 
     def __init__(self, listener: Listener) -> None:
@@ -118,7 +119,6 @@ class ClientConnection(asyncio.Protocol):
         self._lingering = False  # reading only to drop the rest of an answered request's body
         self._paused_reading = 0
         self._writer: AnswerWriter | None = None
-        self._watch: WriteWatch | None = None
         self._due = 0.0  # the idle or head deadline; 0: none
         self._due_is_head = False
         self._timer: asyncio.TimerHandle | None = None
@@ -141,7 +141,7 @@ class ClientConnection(asyncio.Protocol):
         # a byte the client leaves unread pauses writing, and so starts the write deadline (not 0: asyncio's
         # TLS transport pauses on `size >= high`)
         tr.set_write_buffer_limits(1)
-        self._watch = watch = WriteWatch(tr, self._counter, ip, lambda: writer.paused)
+        watch = WriteWatch(tr, self._counter, ip, lambda: writer.paused)
         self._writer = writer = AnswerWriter(tr, watch, secure=self._secure, must_close=self._must_close)
         self._listener.opened(self)
         self._clock(self._listener.keepalive_timeout_s, head=False)
@@ -248,12 +248,11 @@ class ClientConnection(asyncio.Protocol):
             raise self._too_large()
         self._head_size = 0  # from here on: trailers
         version = parser.get_http_version()
-        expect = False
-        for name, value in self._headers:  # one pass, no per-request lookups of a header that is rarely there
-            if len(name) == 6 and name.lower() == "expect":
-                expect = value.lower() == "100-continue" and version != "1.0"
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        expect = headers.getall("Expect", None)
+        expect_continue = expect is not None and expect[-1].lower() == "100-continue" and version != "1.0"
         request = HttpRequest(parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
-                              CIMultiDictProxy(CIMultiDict(self._headers)), IncomingBody(self, expect_continue=expect),
+                              headers, IncomingBody(self, expect_continue=expect_continue),
                               peer=self.peer, secure=self._secure, client_subject=self._subject,
                               keep_alive=parser.should_keep_alive(), http_1_0=version == "1.0")
         self._incoming = request
@@ -396,9 +395,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _answer_refusal(self, error: GatewayError) -> None:
         status, headers, body = self._listener.door.refusal(error)
-        tr = self._tr
-        assert tr is not None
-        tr.write(http_answer.head(status, headers, length=len(body), close=True) + body)
+        writer = self.writer
+        writer.closing = True
+        with contextlib.suppress(ConnectionError):  # (already closing: nothing to answer)
+            writer.write([http_answer.head(status, headers, length=len(body), close=True) + body])
         self._close()
         self._loop.call_later(_CLOSE_GRACE_S, self.abort_with_reset)  # a no-op once the connection is gone
 
@@ -410,8 +410,6 @@ class ClientConnection(asyncio.Protocol):
         tr = self._tr
         if tr is None:
             return
-        if self._secure and self._watch is not None:
-            self._watch.after_tls_answer()
         incoming = self._incoming
         if incoming is None or self._refused:
             tr.close()

@@ -70,7 +70,7 @@ class AnswerWriter:
             tr.write(framed[0])
         else:
             tr.writelines(framed)
-        if self._secure and not self.closing:
+        if self._secure:
             self._watch.after_tls_answer()
 
     # -- streamed answers ------------------------------------------------------------------

@@ -445,3 +445,15 @@ async def test_trailers_over_the_head_cap_are_refused(tmp_path: Path, keys: Keys
         answer, closed = await w.closes(3)
         assert closed and b" 200 " not in answer.split(b"\r\n", 1)[0]
         assert upstream.seen == []
+
+
+def test_a_header_that_would_split_the_answer_is_refused() -> None:
+    """A backend's header value (or name) holding CR or LF would let it forge headers or a second answer:
+    the answer's head is never built with one."""
+    from gateway.http_answer import HeaderInjection, head
+
+    assert head(200, [("X-Ok", "fine")], length=0, close=False).startswith(b"HTTP/1.1 200 OK\r\n")
+    for name, value in (("X-Evil", "a\r\nSet-Cookie: s=1"), ("X-Evil", "a\nb"), ("X-Evil", "a\rb"),
+                        ("X-Evil\r\nSet-Cookie", "s=1")):
+        with pytest.raises(HeaderInjection):
+            head(200, [(name, value)], length=0, close=False)
