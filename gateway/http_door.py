@@ -9,7 +9,9 @@ the JSON error shape, the one place a ``GatewayError`` becomes an answer; then
 ``Gateway.finish`` runs the request's cleanups, metrics and audit line, on
 every exit path. A whole answer is framed before ``finish`` and written after
 it, so its audit line and metrics exist by the time the client has it; a
-stream is written as it comes.
+stream's chunks are written as they come and its end after ``finish``, for the
+same reason, and so that a client's next request on the connection, sent as
+soon as it sees the end, never waits behind the last one's bookkeeping.
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ class HttpDoor:
         gateway = self.gateway
         ctx = gateway.begin(request)
         framed: list[bytes] | None = None
+        ended = False  # a stream relayed whole: its end is written after finish
         try:
             response = await gateway.run(ctx)
             if response.stream is None:
                 framed = connection.frame(request, *whole(ctx, response))
             else:
-                await relay(connection, request, ctx, response)
+                ended = await relay(connection, request, ctx, response)
         except GatewayError as exc:
             framed = connection.frame(request, *error_answer(ctx, exc))
         except asyncio.CancelledError:
@@ -69,6 +72,8 @@ class HttpDoor:
             await gateway.finish(ctx)
         if framed is not None:
             connection.write(framed)
+        elif ended:
+            connection.end_stream()
 
     def refusal(self, error: GatewayError) -> Answer:
         """The answer to a request the connection refused before it was one (bad framing, a head too large
@@ -95,8 +100,10 @@ def whole(ctx: RequestContext, response: BackendResponse) -> Answer:
 
 
 async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestContext,
-                response: BackendResponse) -> None:
+                response: BackendResponse) -> bool:
     """Write a streamed answer's chunks as they come; the head leaves with the first chunk when it is here.
+    True when the stream was relayed whole: the caller then writes its end (``end_stream``); False when it
+    was cut.
 
     An upstream's stream (``push``) is written on from the upstream connection's own callback, chunk by
     chunk, with no task woken per chunk; this coroutine then only waits for the end. Whenever the client
@@ -128,12 +135,13 @@ async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestCont
                     sent += len(chunk)
         finally:
             ctx.bytes_out += sent
-        connection.end_stream()
+        return True
     except (ConnectionError, asyncio.CancelledError):
         raise
     except Exception as exc:  # the answer has started: the only honest signal left is to cut the stream
         log.warning("stream to client cut (request %s): %s", ctx.request_id, exc)
         connection.cut_stream()
+        return False
     finally:
         if response.release is not None:
             result = response.release()

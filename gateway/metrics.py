@@ -229,7 +229,8 @@ class Metrics:
                                         ["model", "reason"], registry=r)
         self.quota_store_errors = Counter("maas_quota_store_errors_total",
                                           "Quota store failures (timeouts, connection errors).", registry=r)
-        self.quota_tokens = Counter("maas_quota_llm_tokens_total", "LLM tokens charged to budgets.", ["model"], registry=r)
+        self.quota_tokens = self._hot(Counter("maas_quota_llm_tokens_total", "LLM tokens charged to budgets.",
+                                              ["model"], registry=r))
         self.quota_store_up = Gauge("maas_quota_store_up", "1 when the quota store answered its last call.", registry=r,
                                     multiprocess_mode="livemin")
         # validate

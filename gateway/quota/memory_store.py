@@ -17,6 +17,7 @@ replica can die holding slots that other replicas count.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import time
 from typing import TYPE_CHECKING, Callable
@@ -32,7 +33,12 @@ MAX_BUCKETS = 100_000  # per kind (rate, tokens): ~100 bytes each
 
 def calendar(wall_ms: float) -> tuple[int, float, int, float]:
     """(UTC day number, its end in ms, month id = year * 12 + month - 1, its end in ms) at ``wall_ms``."""
-    today = int(wall_ms // 86_400_000)
+    return _day(int(wall_ms // 86_400_000))
+
+
+@functools.lru_cache(maxsize=4)
+def _day(today: int) -> tuple[int, float, int, float]:
+    """``calendar`` of one UTC day: the same every call that day (a datetime is not built per request)."""
     day = datetime.datetime.fromtimestamp(today * 86400, datetime.timezone.utc)
     year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
     month_end = datetime.datetime(year, month, 1, tzinfo=datetime.timezone.utc).timestamp() * 1000.0
