@@ -22,7 +22,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # A Redis slot nobody has refreshed for this long is presumed leaked by a
 # crashed replica and freed. The slots of live requests are refreshed every
@@ -76,9 +76,9 @@ class Limits:
         return bool(self.max_concurrent or self.tokens_per_minute)
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A store's answer for one request."""
+class Verdict(NamedTuple):
+    """A store's answer for one request. (A named tuple: as immutable as a frozen dataclass, and built in a
+    quarter of the time, which counts once per request.)"""
 
     allowed: bool
     reason: str  # one of REASONS
@@ -88,13 +88,8 @@ class Verdict:
 
     @classmethod
     def from_ms(cls, allowed: bool, reason: int, remaining: float, reset_ms: float, retry_ms: float) -> Verdict:
-        return cls(
-            allowed=allowed,
-            reason=REASONS[reason],
-            remaining=max(0, int(remaining)),
-            reset_s=max(0, math.ceil(reset_ms / 1000)),
-            retry_after_s=0 if allowed else max(1, math.ceil(retry_ms / 1000)),
-        )
+        return cls(allowed, REASONS[reason], max(0, int(remaining)), max(0, math.ceil(reset_ms / 1000)),
+                   0 if allowed else max(1, math.ceil(retry_ms / 1000)))
 
 
 def key_part(value: str) -> str:
