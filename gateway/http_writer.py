@@ -115,9 +115,14 @@ class AnswerWriter:
         return self.paused
 
     def end_stream(self) -> None:
+        """A streamed answer is complete (written after the request's bookkeeping): its head if it is still
+        held, and the last chunk; nothing when the client is gone or its connection is being closed."""
+        tr = self._tr
+        if tr is None or tr.is_closing():
+            return
         self.flush_head()
-        if self._tr is not None and self._chunked and not self._head_only:
-            self._tr.write(http_answer.LAST_CHUNK)
+        if self._chunked and not self._head_only:
+            tr.write(http_answer.LAST_CHUNK)
 
     def cut_stream(self) -> None:
         """The answer has started and cannot be finished: the only honest signal left is to cut it."""
