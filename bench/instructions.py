@@ -10,6 +10,7 @@ must be 200), and the counters are dumped: instructions / requests served.
     apt-get install valgrind hey nginx-light            # once
     python bench/instructions.py --variants auth-raw,full --compare /tmp/gw-before
     python bench/instructions.py --variants auth -n 2000
+    python bench/instructions.py --variants full-redis --redis redis://127.0.0.1:6379/0
 
 Variants are bench/overhead.py's. Under callgrind a gateway starts in about a
 minute and serves a few hundred requests a second: a variant takes 2-3 minutes.
@@ -47,10 +48,10 @@ def hey(port: int, n: int, token: str, body: Path) -> int:
 
 
 def instructions_per_request(work: Path, name: str, variant: str, tree: Path, up_port: int, keys, token: str,
-                             body: Path, n: int) -> float:
+                             body: Path, n: int, redis: str | None = None) -> float:
     import yaml
 
-    cfg = overhead.gateway_config(work, name, variant, up_port, keys, None)
+    cfg = overhead.gateway_config(work, name, variant, up_port, keys, redis)
     port = overhead.free_port()
     data = yaml.safe_load(cfg.read_text())
     data["server"]["port"] = port
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--variants", default="auth-raw,full")
     ap.add_argument("--compare", type=Path, default=None, help="another checkout: each variant also runs from there")
     ap.add_argument("-n", type=int, default=1000, help="requests counted per variant")
+    ap.add_argument("--redis", default=None, help="Redis URL for the *-redis variants (quota store and monitors)")
     args = ap.parse_args()
     from harness import Keys
 
@@ -94,7 +96,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             for label, tree in trees.items():
                 per = instructions_per_request(work, f"{label}-{variant}", variant, tree, up_port, keys, token, body,
-                                               args.n)
+                                               args.n, args.redis)
                 print(f"{label:5s} {variant:16s} {per / 1e3:9.1f} k instructions/request", flush=True)
     finally:
         up.terminate()
