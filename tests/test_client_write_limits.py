@@ -239,3 +239,49 @@ async def test_a_stream_pushed_past_a_slow_reader_arrives_whole_and_in_order(tmp
         assert numbers == list(range(count))
         assert events.endswith(b"data: [DONE]\n\n")
         assert attached.count(True) >= 3  # pushed from the start, then again each time the reader caught up
+
+
+async def test_a_streams_end_leaves_after_its_bookkeeping(tmp_path: Path, keys: Keys,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last chunk of a stream is written after the request's quota settlement, metrics and audit line, as
+    a whole answer is: a client that sees the end finds its request accounted for, and its next request on the
+    connection does not queue behind the previous one's bookkeeping."""
+    from gateway.app import Gateway
+    from gateway.http_writer import AnswerWriter
+
+    order: list[str] = []
+    finish, end_stream = Gateway.finish, AnswerWriter.end_stream
+
+    async def finishing(self: Gateway, ctx: object) -> None:
+        await finish(self, ctx)  # type: ignore[arg-type]
+        order.append("finish")
+
+    def ending(self: AnswerWriter) -> None:
+        order.append("end")
+        end_stream(self)
+
+    monkeypatch.setattr(Gateway, "finish", finishing)
+    monkeypatch.setattr(AnswerWriter, "end_stream", ending)
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+        await response.write(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+    async with (harness.upstream(sse) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
+                raw_socket(port_of(gw)) as sock):
+        loop = asyncio.get_running_loop()
+        for _ in range(2):  # two streams on one connection
+            await send(sock, chat_request(keys, stream=True))
+            data = b""
+            while not data.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+                assert chunk, "closed mid-stream"
+                data += chunk
+            assert b"data: [DONE]" in data
+        assert order == ["finish", "end", "finish", "end"]
