@@ -22,8 +22,9 @@ The limits on the request side live here, where the bytes are parsed:
   body nobody reads yet past ``http_body.UNREAD_HIGH``, the socket is not read.
 
 A request whose body has not fully arrived when its answer is written (a 401
-before the body was read, a 413) is answered with ``Connection: close``: the
-rest of its body is never read, so it can never be taken for the next request.
+before the body was read, a 413) is answered with ``Connection: close``; the
+rest of its body is read and dropped for up to ``_LINGER_S`` (never parsed, so
+it can never be taken for the next request), then the connection closes.
 """
 
 from __future__ import annotations

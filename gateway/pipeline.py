@@ -135,6 +135,13 @@ class Stage(Protocol):
     async def __call__(self, ctx: RequestContext) -> None: ...
 
 
+# A stream that can be written on from its upstream's own callback has ``push(write)``: ``write(chunk)``
+# answers False to go on, True when the client can take no more (chunks then queue for ``__anext__``), or
+# HOLD when it did not write the chunk and must wait for something first (a response id's claim): the
+# stream then hands that chunk back, first, out of ``__anext__``.
+HOLD = 2
+
+
 @dataclass(slots=True)
 class BackendResponse:
     """What a backend answered. Exactly one of ``body``/``stream`` is set.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import orjson
 
 from gateway.errors import BackendError
+from gateway.pipeline import HOLD
 
 from .client import StreamExpired, UpstreamError
 from .protocols import total_tokens
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 MAX_SSE_LINE = 1_048_576  # 1 MiB: a longer unterminated line is relayed as it comes, never held back nor scanned
 STREAM_BROKEN = "upstream connection failed mid-stream"  # ``StreamRelay.error`` when the upstream broke off
-HOLD = 2  # what a pushed stream's writer returns for a chunk it hands back to ``__anext__`` unwritten
 
 
 class StreamRelay:

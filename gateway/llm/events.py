@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 
+from ..pipeline import HOLD
 from .surfaces import ollama_usage, usage_tokens
-
-HOLD = 2  # a pushed chunk handed back unwritten (``backends.http.relay.HOLD``; the core names no backend)
 
 if TYPE_CHECKING:
     from ..usage import Usage
