@@ -95,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("_listener", "_counter", "_loop", "_tr", "_parser", "peer", "_secure", "_subject", "_url",
                  "_headers", "_head_open", "_head_size", "_head_bytes", "_read_accounted", "_incoming", "_queue",
-                 "_task", "_refused", "_paused_reading", "_writer", "_due", "_due_is_head", "_timer",
+                 "_task", "_next", "_refused", "_paused_reading", "_writer", "_due", "_due_is_head", "_timer",
                  "_timer_at", "_lingering")
 
     def __init__(self, listener: Listener) -> None:
@@ -115,7 +115,8 @@ class ClientConnection(asyncio.Protocol):
         self._read_accounted = 0  # bytes of the current read that belong to bodies and finished heads
         self._incoming: HttpRequest | None = None  # the request whose body is arriving
         self._queue: deque[HttpRequest | GatewayError] = deque()  # waiting for (or getting) an answer, in order
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # answers the queue; lives while requests keep coming
+        self._next: asyncio.Future[None] | None = None  # set while the task waits for the next request
         self._refused = False  # a head was refused: nothing more of this connection is parsed
         self._lingering = False  # reading only to drop the rest of an answered request's body
         self._paused_reading = 0
@@ -173,13 +174,13 @@ class ClientConnection(asyncio.Protocol):
         """Graceful stop: close now if no request is under way, else once its answer is out."""
         if self._writer is not None:
             self._writer.closing = True
-        if self._task is None and not self._queue and self._tr is not None:
+        if self.task is None and not self._queue and self._tr is not None:
             self._tr.close()
 
     @property
     def task(self) -> asyncio.Task[None] | None:
         """The task answering this connection's requests; None while none is under way."""
-        return self._task
+        return self._task if self._next is None else None
 
     def abort(self) -> None:
         if self._tr is not None:
@@ -260,8 +261,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue.append(request)
         if len(self._queue) >= PIPELINE_HIGH:
             self.pause_reading(_PAUSED_BY_BACKLOG)
-        if self._task is None:
-            self._task = self._loop.create_task(self._serve())
+        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self._read_accounted += len(body)
@@ -298,8 +298,7 @@ class ClientConnection(asyncio.Protocol):
             incoming.body.lost(error)
             return
         self._queue.append(error)
-        if self._task is None:
-            self._task = self._loop.create_task(self._serve())
+        self._wake()
 
     def _stop_reading(self) -> None:
         self._refused = True
@@ -364,10 +363,28 @@ class ClientConnection(asyncio.Protocol):
 
     # -- answering, in order -----------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """A request (or refusal) was queued: start the task that answers, or wake it if it waits."""
+        if self._task is None:
+            self._task = self._loop.create_task(self._serve())
+        elif self._next is not None and not self._next.done():
+            self._next.set_result(None)
+
     async def _serve(self) -> None:
+        """Answer the queue in order, then wait for the next request: one task for the connection's life, not
+        one per request (a task costs more to make than a future to wake, on every keep-alive request)."""
         queue, door, writer = self._queue, self._listener.door, self.writer
         try:
-            while queue and self._tr is not None:
+            while self._tr is not None:
+                if not queue:
+                    if not self._head_open and not self._refused:
+                        self._clock(self._listener.keepalive_timeout_s, head=False)
+                    self._next = self._loop.create_future()
+                    try:
+                        await self._next
+                    finally:
+                        self._next = None
+                    continue
                 request = queue[0]
                 if isinstance(request, GatewayError):
                     self._answer_refusal(request)
@@ -391,8 +408,6 @@ class ClientConnection(asyncio.Protocol):
                     await writer.drained()
         finally:
             self._task = None
-            if self._tr is not None and not queue and not self._head_open and not self._refused:
-                self._clock(self._listener.keepalive_timeout_s, head=False)
 
     def _answer_refusal(self, error: GatewayError) -> None:
         status, headers, body = self._listener.door.refusal(error)

@@ -17,6 +17,7 @@ soon as it sees the end, never waits behind the last one's bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -85,12 +86,18 @@ class HttpDoor:
 def _headers(ctx: RequestContext, response: BackendResponse) -> list[tuple[str, str]]:
     """The backend's headers (less the ones the gateway sets), then the gateway's."""
     added = ctx.response_headers  # the gateway's own headers replace a backend's of the same name
-    replaced = SET_BY_GATEWAY.union(name.lower() for name in added) if added else SET_BY_GATEWAY
+    replaced = _replaced_by(tuple(added)) if added else SET_BY_GATEWAY
     headers = [(k, v) for k, v in response.headers if k.lower() not in replaced]
     headers.extend(added.items())
     headers.append(("X-Request-ID", ctx.request_id))
     headers.append(("Content-Type", response.content_type))
     return headers
+
+
+@functools.lru_cache(maxsize=64)
+def _replaced_by(names: tuple[str, ...]) -> frozenset[str]:
+    """The backend headers the gateway's own (``names``: a few fixed sets, the quota's RateLimit-*) replace."""
+    return SET_BY_GATEWAY.union(name.lower() for name in names)
 
 
 def whole(ctx: RequestContext, response: BackendResponse) -> Answer:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.http.client import (ConnectFailed, ConnectTimeout, Disconnected, InvalidRequestLine, InvalidResponse,
-                                  Origin, Pool, ReadTimeout)
+                                  Origin, Pool, ReadTimeout, _could_split)
 from tests.certs import build_pki
 from tests.harness import eventually
 
@@ -202,6 +204,23 @@ async def test_request_target_cannot_split_the_request(server, target) -> None:
         await pool.request(up.origin, "GET", target, [], None, 5)
     assert up.connections == 0
     pool.close()
+
+
+def _exact_split_check(lines: str, count: int, target: str) -> bool:
+    """The check ``_could_split`` takes a shortcut to, written out: one CR and one LF per line, no other control."""
+    return (lines.count("\n") != count or lines.count("\r") != count
+            or any(c < " " and c != "\t" and c not in "\r\n" or c == "\x7f" for c in lines)
+            or any(c <= " " or c == "\x7f" for c in target))
+
+
+_TEXT = st.text(alphabet=st.sampled_from("aZ: \t\r\n\x00\x1f\x7f\x85\u200b\udc80/é"), max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_TEXT, _TEXT), max_size=4), _TEXT)
+def test_the_split_check_shortcut_agrees_with_the_exact_check(headers, target) -> None:
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    assert _could_split(lines, len(headers), target) == _exact_split_check(lines, len(headers), target)
 
 
 @pytest.mark.parametrize("answer,error", [

@@ -229,6 +229,16 @@ class Pool:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
 
 
+def _could_split(lines: str, count: int, target: str) -> bool:
+    """Whether header lines (``count`` of them, each ending in CRLF) or the target hold a CR, LF or control
+    character that could end or split the request upstream."""
+    if lines.count("\n") != count:  # an LF of a value's own
+        return True
+    if lines.replace("\r\n", "").isprintable() and target.isprintable() and " " not in target:
+        return False  # the common case, in two C passes: no control character, lone CR, tab or space in the target
+    return lines.count("\r") != count or bool(_CONTROL.search(lines)) or bool(_NOT_IN_TARGET.search(target))
+
+
 def _head(method: str, origin: Origin, target: str, headers: Sequence[tuple[str, str]], body: bytes | None) -> bytes:
     """The request line and headers, refused if any part could split the request (CR/LF, controls)."""
     lines = "".join([f"{k}: {v}\r\n" for k, v in headers])
@@ -236,8 +246,7 @@ def _head(method: str, origin: Origin, target: str, headers: Sequence[tuple[str,
     if body is not None or method in _BODY_METHODS:
         lines += f"Content-Length: {len(body) if body else 0}\r\n"
         count += 1
-    if lines.count("\n") != count or lines.count("\r") != count or _CONTROL.search(lines) \
-            or _NOT_IN_TARGET.search(target):
+    if _could_split(lines, count, target):
         raise InvalidRequestLine("a header or the target for the upstream contains a control character")
     return f"{method} {origin.prefix}{target} HTTP/1.1\r\nHost: {origin.host_header}\r\n{lines}\r\n".encode(
         "utf-8", "surrogateescape")
