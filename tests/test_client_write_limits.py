@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 
@@ -241,6 +242,17 @@ async def test_a_stream_pushed_past_a_slow_reader_arrives_whole_and_in_order(tmp
         assert attached.count(True) >= 3  # pushed from the start, then again each time the reader caught up
 
 
+async def short_sse(request: web.Request) -> web.StreamResponse:
+    """A chat stream of one token, its usage and [DONE], in two writes."""
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+    await response.write(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\ndata: [DONE]\n\n')
+    await response.write_eof()
+    return response
+
+
 async def test_a_streams_end_leaves_after_its_bookkeeping(tmp_path: Path, keys: Keys,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The last chunk of a stream is written after the request's quota settlement, metrics and audit line, as
@@ -263,16 +275,7 @@ async def test_a_streams_end_leaves_after_its_bookkeeping(tmp_path: Path, keys: 
     monkeypatch.setattr(Gateway, "finish", finishing)
     monkeypatch.setattr(AnswerWriter, "end_stream", ending)
 
-    async def sse(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
-        await response.write(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\ndata: [DONE]\n\n')
-        await response.write_eof()
-        return response
-
-    async with (harness.upstream(sse) as up,
+    async with (harness.upstream(short_sse) as up,
                 harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
                 raw_socket(port_of(gw)) as sock):
         loop = asyncio.get_running_loop()
@@ -285,3 +288,57 @@ async def test_a_streams_end_leaves_after_its_bookkeeping(tmp_path: Path, keys: 
                 data += chunk
             assert b"data: [DONE]" in data
         assert order == ["finish", "end", "finish", "end"]
+
+
+async def test_a_client_gone_between_a_streams_last_event_and_its_end(tmp_path: Path, keys: Keys,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The client resets its connection after the last event, while the request's bookkeeping runs and before
+    the stream's end is written (the end is written after ``finish``): the end goes nowhere, quietly; the
+    request keeps its one audit line; the connection is let go; the gateway serves the next caller."""
+    from gateway.app import Gateway
+    from gateway.http_writer import AnswerWriter
+
+    finish, end_stream = Gateway.finish, AnswerWriter.end_stream
+    gone: list[socket.socket] = []
+    order: list[str] = []
+
+    def ending(self: AnswerWriter) -> None:
+        order.append("end")
+        end_stream(self)
+
+    async def finishing(self: Gateway, ctx: object) -> None:
+        if gone:
+            sock = gone.pop()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+            sock.close()
+            time.sleep(0.05)  # blocking: the reset reaches the gateway's socket before its loop runs again
+            order.append("reset")
+        await finish(self, ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Gateway, "finish", finishing)
+    monkeypatch.setattr(AnswerWriter, "end_stream", ending)
+
+    async with (harness.upstream(short_sse) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw):
+        sock = await open_raw(port_of(gw))
+        gone.append(sock)
+        await send(sock, chat_request(keys, stream=True))
+        await wait_for(lambda: order[:2] == ["reset", "end"])  # reset during the bookkeeping, then the end
+        audit = tmp_path / "audit.log"
+        await wait_for(lambda: audit.exists() and b'"model":"chat"' in audit.read_bytes())
+        [line] = [orjson.loads(raw) for raw in audit.read_bytes().splitlines()]
+        assert line["status"] == 200 and line["decision"] == "allow"
+        async with aiohttp.ClientSession() as s:  # the reset connection is let go (the gauge counts open ones)
+            for _ in range(100):
+                async with s.get(gw.admin_url + "/metrics") as r:
+                    if b"\nmaas_client_connections 0.0\n" in await r.read():
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the reset connection is still counted open")
+        async with aiohttp.ClientSession() as s:  # the next caller is served
+            async with s.post(gw.url + "/v1/chat/completions", headers=keys.auth(),
+                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200, await r.text()
+    assert "answering a request failed" not in caplog.text and "Traceback" not in caplog.text
