@@ -1,9 +1,11 @@
 """One client connection of the public port: HTTP/1.1 parsed by httptools (llhttp), answered in order.
 
 The parser's callbacks build one ``HttpRequest`` per head and feed its body;
-one task per busy connection answers the requests in the order they came
-(pipelining), and exits when none waits, so an idle connection holds a
-protocol object and a timer, nothing else. The door (``gateway.http_door``)
+one task per connection, started by its first request, answers the requests in
+the order they came (pipelining) and then waits for the next one (waking a
+future costs less than making a task, on every keep-alive request), so an idle
+connection holds a protocol object, that waiting task (about 1 KB) and a timer.
+The door (``gateway.http_door``)
 decides what each answer is and writes it through the methods below, which
 decide how it is framed and whether the connection stays open.
 
