@@ -5,9 +5,9 @@ one task per connection, started by its first request, answers the requests in
 the order they came (pipelining) and then waits for the next one (waking a
 future costs less than making a task, on every keep-alive request), so an idle
 connection holds a protocol object, that waiting task (about 1 KB) and a timer.
-The door (``gateway.http_door``)
-decides what each answer is and writes it through the methods below, which
-decide how it is framed and whether the connection stays open.
+The door (``gateway.http_door``) decides what each answer is and writes it
+through the methods below, which decide how it is framed and whether the
+connection stays open.
 
 The limits on the request side live here, where the bytes are parsed:
 

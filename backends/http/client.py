@@ -235,7 +235,7 @@ def _could_split(lines: str, count: int, target: str) -> bool:
     if lines.count("\n") != count:  # an LF of a value's own
         return True
     if lines.replace("\r\n", "").isprintable() and target.isprintable() and " " not in target:
-        return False  # the common case, in two C passes: no control character, lone CR, tab or space in the target
+        return False  # the common case, in a few C passes: no control character, lone CR or tab; no space in the target
     return lines.count("\r") != count or bool(_CONTROL.search(lines)) or bool(_NOT_IN_TARGET.search(target))
 
 
