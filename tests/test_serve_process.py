@@ -58,6 +58,38 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, key
         await up.stop()
 
 
+async def test_idle_keep_alive_connections_do_not_hold_up_a_graceful_stop(tmp_path: Path, keys: Keys) -> None:
+    """Each connection keeps the task that answered it, waiting for its next request: SIGTERM closes such idle
+    connections at once (nothing is under way on them) instead of waiting out the drain timeout."""
+    up = await start_upstream()
+    port, admin = free_port(), free_port()
+    config = gateway_config(tmp_path, keys, models={"digits": v2_model(up.url)}, policy=ALLOW_ANALYSTS,
+                            server={"port": port, "shutdown_timeout_s": 30, "keepalive_timeout_s": 60},
+                            admin={"port": admin})
+    path = write_yaml(tmp_path / "gateway.yaml", config)
+    proc = spawn(path)
+    try:
+        await wait_ready(f"http://127.0.0.1:{admin}/readyz")
+        connector = aiohttp.TCPConnector(limit=4, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            async def one() -> int:
+                async with s.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=V2_BODY,
+                                  headers=keys.auth()) as r:
+                    await r.read()
+                    return r.status
+            assert await asyncio.gather(*(one() for _ in range(4))) == [200] * 4  # 4 kept-alive, now idle
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            code = await loop.run_in_executor(None, proc.wait, 20)
+            assert code == 0, proc.stdout.read() if proc.stdout else ""
+            assert loop.time() - started < 10  # not the 30 s drain timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await up.stop()
+
+
 @pytest.mark.slow
 async def test_workers_share_one_port(tmp_path: Path, keys: Keys) -> None:
     up = await start_upstream()
