@@ -20,6 +20,7 @@ line and rule, and the caller keeps whatever policy it had.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import casbin
+from casbin.util.builtin_operators import glob_match
 from casbin.util.expression import SimpleEval
 from casbin.util.log import disabled_logging
 
@@ -191,6 +193,14 @@ def _rows(rules: Iterable[CompiledRule]) -> list[list[str]]:
     return rows
 
 
+@functools.lru_cache(maxsize=4096)
+def _glob_match(name: str, pattern: str) -> bool:
+    """Casbin's ``globMatch``, remembered: a policy has a few model patterns and a gateway a few models, and
+    the match ran for every row an uncached decision visits (~10 % of one; pycasbin 2 compiles the pattern with
+    wcmatch on each call, ~45 %)."""
+    return bool(glob_match(name, pattern))
+
+
 def _cond(rule_id: str, env: Any) -> bool:
     """The matcher's ``cond(p.id, r.env)``: ``env`` is the request's evaluation (enforcer.py)."""
     check = getattr(env, "cond", None)
@@ -206,6 +216,7 @@ def _new_enforcer(path: Path, model_text: str, rows: list[list[str]], links: lis
         raise ConfigError(f"invalid Casbin model: {exc}", file=str(path)) from None
     _check_model(path, enforcer)
     enforcer.add_function("cond", _cond)
+    enforcer.add_function("globMatch", _glob_match)
     if rows:
         enforcer.add_policies(rows)
     if links:

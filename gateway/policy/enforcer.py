@@ -13,7 +13,8 @@ its condition is FALSE (a missing claim never opens a door).
 Which rule decided. Deny rows come first and Casbin stops at the first matching
 deny, whose row (with the rule id column) ``enforce_ex`` returns. When Casbin
 allows, the first allow whose ``cond`` matched is the deciding rule (noted by
-``cond`` as Casbin visits the rows). Otherwise: ``default-deny``.
+``cond`` as Casbin visits the rows; pycasbin 2 also names an allow row in its
+explain, not always that one, so it is not used). Otherwise: ``default-deny``.
 
 Shadow rules live in a second enforcer that only observes: there ``cond``
 notes each matching shadow rule and answers false, so Casbin visits every row.
@@ -223,10 +224,11 @@ class PolicyEnforcer:
         evaluation = Evaluation(facts, compiled.rules)
         subject_roles = (*roles, "*")  # "*" in a rule's roles matches every subject, even one with no roles
         allowed, explain = compiled.enforcer.enforce_ex(subject_roles, model, action, evaluation)
-        if explain:
+        if allowed:  # the first allow whose condition held, in rule order (whichever row Casbin's explain names)
+            allows = evaluation.allows
+            rule = allows[0] if allows else str(explain[ID_COLUMN]) if explain else "unnamed-allow"
+        elif explain:  # the deny row Casbin stopped at
             rule = str(explain[ID_COLUMN])
-        elif allowed:
-            rule = evaluation.allows[0] if evaluation.allows else "unnamed-allow"
         else:
             rule = DEFAULT_DENY
         shadow: tuple[tuple[str, bool], ...] = ()
