@@ -28,6 +28,7 @@ use it without an import cycle.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -60,6 +61,13 @@ def model_matcher(pattern: str) -> tuple[int, Callable[[str], bool]]:
         rx = re.compile(fnmatch.translate(pattern))
         return MODEL_GLOB, lambda model: rx.match(model) is not None
     return MODEL_EXACT, pattern.__eq__
+
+
+@functools.lru_cache(maxsize=4096)
+def model_matches(model: str, pattern: str) -> bool:
+    """Whether ``model`` matches one ``models`` pattern: the same rule for policy rules (Casbin's ``globMatch``
+    is this function), quotas, outputs and monitors, so one pattern never means two things in one file."""
+    return model_matcher(pattern)[1](model)
 
 
 @dataclass(frozen=True, slots=True)

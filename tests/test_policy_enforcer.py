@@ -99,6 +99,23 @@ def test_model_globs(tmp_path: Path) -> None:
     assert not decide(e, roles=["a"], model="xsentiment-en").allowed
 
 
+@pytest.mark.parametrize("pattern,model,matches", [
+    ("llama-*b", "llama-70b", True), ("llama-*b", "llama-secret", False),  # casbin 1.43 matched the second
+    ("a*c", "abc", True), ("a*c", "abd", False), ("*s", "digitx", False), ("*-en", "sentiment-en", True),
+    ("sentiment-{en,fr}", "sentiment-en", False),  # no brace expansion (pycasbin 2 would expand)
+    ("digit?", "digits", True), ("dig[i]ts", "digits", True), ("dig[!i]ts", "digits", False),
+    ("*", "anything", True), ("Digits", "digits", False),
+])
+def test_a_model_pattern_means_the_same_in_rules_and_quotas(tmp_path: Path, pattern: str, model: str,
+                                                              matches: bool) -> None:
+    """Rules (through Casbin), quotas and outputs read a ``models`` pattern one way: shell-style, the whole name."""
+    from gateway.specificity import model_matcher
+
+    e = enforcer(tmp_path, {"rules": [allow("r", ["a"], [pattern])]})
+    assert decide(e, roles=["a"], model=model).allowed is matches
+    assert model_matcher(pattern)[1](model) is matches  # what a quota or outputs entry with the pattern selects
+
+
 def test_first_matching_allow_in_file_order_decides(tmp_path: Path) -> None:
     e = enforcer(tmp_path, {"rules": [allow("narrow", ["a"], ["digits"], when="subject.x == 1"),
                                       allow("broad", ["a"]), allow("later", ["a"])]})

@@ -20,7 +20,6 @@ line and rule, and the caller keeps whatever policy it had.
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
 from dataclasses import dataclass, field
@@ -29,12 +28,12 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import casbin
-from casbin.util.builtin_operators import glob_match
 from casbin.util.expression import SimpleEval
 from casbin.util.log import disabled_logging
 
 from ..cache import ClearWhenFull
 from ..errors import ConfigError
+from ..specificity import model_matches
 from .document import PolicyDocument, Rule
 from .when import Condition, WhenError, compile_when
 
@@ -193,14 +192,6 @@ def _rows(rules: Iterable[CompiledRule]) -> list[list[str]]:
     return rows
 
 
-@functools.lru_cache(maxsize=4096)
-def _glob_match(name: str, pattern: str) -> bool:
-    """Casbin's ``globMatch``, remembered: a policy has a few model patterns and a gateway a few models, and
-    the match ran for every row an uncached decision visits (~10 % of one; pycasbin 2 compiles the pattern with
-    wcmatch on each call, ~45 %)."""
-    return bool(glob_match(name, pattern))
-
-
 def _cond(rule_id: str, env: Any) -> bool:
     """The matcher's ``cond(p.id, r.env)``: ``env`` is the request's evaluation (enforcer.py)."""
     check = getattr(env, "cond", None)
@@ -216,7 +207,10 @@ def _new_enforcer(path: Path, model_text: str, rows: list[list[str]], links: lis
         raise ConfigError(f"invalid Casbin model: {exc}", file=str(path)) from None
     _check_model(path, enforcer)
     enforcer.add_function("cond", _cond)
-    enforcer.add_function("globMatch", _glob_match)
+    # model patterns mean what they mean in quotas and outputs (shell-style, ``gateway.specificity``), not what the
+    # installed Casbin's globMatch does (casbin 1.43's ignores the character after a last `*`: "a*c" matched
+    # "abd"; pycasbin 2's expands braces); remembered, so an uncached decision does not re-match its patterns
+    enforcer.add_function("globMatch", model_matches)
     if rows:
         enforcer.add_policies(rows)
     if links:

@@ -7,9 +7,9 @@ decision, so it is kept apart from the test runner and explanations in
 
 from __future__ import annotations
 
-from casbin.util.builtin_operators import glob_match
 
 from ..findings import Finding, Severity
+from ..specificity import model_matches
 from .document import PolicyDocument, Rule
 
 MAX_RULE_ROWS = 1000  # Casbin rows one rule may expand to before lint calls it slow
@@ -32,7 +32,7 @@ def _covers(document: PolicyDocument, deny: Rule, allow: Rule) -> bool:
             return False
         if not all(_closure(document, r) & set(deny.roles) for r in allow.roles):
             return False
-    if "*" not in deny.models and not all(any(glob_match(a, d) for d in deny.models) for a in allow.models):
+    if "*" not in deny.models and not all(any(model_matches(a, d) for d in deny.models) for a in allow.models):
         return False
     if "*" not in deny.actions and ("*" in allow.actions or not set(allow.actions) <= set(deny.actions)):
         return False
