@@ -202,6 +202,10 @@ def _label(where: str, name: str) -> str:
     return f"{where}/parameters/binary_data_size (input {_show(name)})"
 
 
+def _bad_element(where: str, name: str, index: int, problem: str, reason: str) -> BinaryViolation:
+    return BinaryViolation(f"{where} (input {_show(name)}): element {index} {problem}", reason)
+
+
 def _check_values(values: np.ndarray, datatype: str, where: str, name: str) -> None:
     if not values.size:
         return
@@ -214,17 +218,13 @@ def _check_values(values: np.ndarray, datatype: str, where: str, name: str) -> N
             return
         finite = np.isfinite(values)
         if not finite.all():
-            index = int(np.flatnonzero(~finite)[0])
-            raise BinaryViolation(f"{where} (input {_show(name)}): element {index} is NaN or infinite", "v2_range")
+            raise _bad_element(where, name, int(np.flatnonzero(~finite)[0]), "is NaN or infinite", "v2_range")
     elif datatype == "BF16":
         special = (values & 0x7F80) == 0x7F80  # exponent all ones: infinity or NaN
         if special.any():
-            raise BinaryViolation(f"{where} (input {_show(name)}): element {int(np.flatnonzero(special)[0])} "
-                                  "is NaN or infinite", "v2_range")
+            raise _bad_element(where, name, int(np.flatnonzero(special)[0]), "is NaN or infinite", "v2_range")
     elif datatype == "BOOL" and int(values.max()) > 1:
-        index = int(np.flatnonzero(values > 1)[0])
-        raise BinaryViolation(f"{where} (input {_show(name)}): element {index} is not a BOOL (0 or 1)",
-                              "v2_datatype")
+        raise _bad_element(where, name, int(np.flatnonzero(values > 1)[0]), "is not a BOOL (0 or 1)", "v2_datatype")
 
 
 def as_numbers(values: np.ndarray, datatype: str) -> np.ndarray:

@@ -225,8 +225,7 @@ class PolicyEnforcer:
         subject_roles = (*roles, "*")  # "*" in a rule's roles matches every subject, even one with no roles
         allowed, explain = compiled.enforcer.enforce_ex(subject_roles, model, action, evaluation)
         if allowed:  # the first allow whose condition held, in rule order (whichever row Casbin's explain names)
-            allows = evaluation.allows
-            rule = allows[0] if allows else str(explain[ID_COLUMN]) if explain else "unnamed-allow"
+            rule = evaluation.allows[0] if evaluation.allows else "unnamed-allow"
         elif explain:  # the deny row Casbin stopped at
             rule = str(explain[ID_COLUMN])
         else:
