@@ -342,3 +342,35 @@ async def test_a_client_gone_between_a_streams_last_event_and_its_end(tmp_path: 
                               json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
                 assert r.status == 200, await r.text()
     assert "answering a request failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_streams_end_is_not_written_to_a_connection_already_closing(tmp_path: Path, keys: Keys,
+                                                                          caplog: pytest.LogCaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection was closed on our side (a write deadline, a stop) between the stream's last chunk and its
+    end: the end is not written, nothing is logged as a failure, and the gateway serves the next caller."""
+    from gateway.http_writer import AnswerWriter
+
+    end_stream = AnswerWriter.end_stream
+    closed: list[bool] = []
+
+    def closing_first(self: AnswerWriter) -> None:
+        transport = self._tr
+        if transport is not None and not closed:
+            transport.close()  # what a write deadline or a stop does
+            closed.append(transport.is_closing())
+        end_stream(self)
+
+    monkeypatch.setattr(AnswerWriter, "end_stream", closing_first)
+    async with (harness.upstream(short_sse) as up,
+                harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
+                raw_socket(port_of(gw)) as sock):
+        await send(sock, chat_request(keys, stream=True))
+        data, closed_by_gateway = await until_closed(sock, 5)
+        assert closed == [True] and closed_by_gateway
+        assert b"data: [DONE]" in data and not data.endswith(b"\r\n0\r\n\r\n")  # events, then no end
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/v1/chat/completions", headers=keys.auth(),
+                              json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200, await r.text()
+    assert "answering a request failed" not in caplog.text

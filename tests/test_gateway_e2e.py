@@ -250,3 +250,23 @@ async def test_an_upstream_cannot_set_the_request_id_or_a_second_content_type(tm
             assert r.headers.getall("X-Request-ID") == ["abc-123"]
             assert r.headers.getall("Content-Type") == ["application/json"]
             assert r.headers["X-Model-Version"] == "7"
+
+
+async def test_an_upstream_cannot_set_the_gateways_rate_limit_headers(tmp_path: Path, keys: Keys) -> None:
+    """The gateway's RateLimit-* replace an upstream's of the same name, whatever its spelling; others pass."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"outputs": []}', content_type="application/json",
+                            headers={"RateLimit-Remaining": "999999", "ratelimit-limit": "999999",
+                                     "X-Model-Version": "7"})
+
+    policy = {**ALLOW_ANALYSTS, "quotas": [{"roles": ["*"], "models": ["*"], "rate_per_s": 100, "burst": 50}]}
+    async with upstream(answer) as up, gateway(tmp_path, keys, models={"digits": v2_model(up.url)},
+                                               policy=policy, quota={"store": "memory"}) as gw:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # the second answer takes the remembered set of replaced names
+                r = await s.post(gw.url + "/v2/models/digits/infer", json=V2_BODY, headers=keys.auth("alice"))
+                assert r.status == 200
+                assert r.headers.getall("RateLimit-Limit") == ["50"]
+                assert r.headers.getall("RateLimit-Remaining") != ["999999"]
+                assert len(r.headers.getall("RateLimit-Remaining")) == 1
+                assert r.headers["X-Model-Version"] == "7"
