@@ -3,6 +3,8 @@
 Compare with bench/bare_client_proxy.py (the same proxy on aiohttp's server) under the same load, to see
 what aiohttp's server costs per request before any gateway logic runs:
     python bench/bare_httptools_proxy.py http://127.0.0.1:18080 18098
+The port is bound with SO_REUSEPORT, so two of them on one port are a two-worker floor to set beside
+``serve --workers 2`` (the reference harness's ``START_CMD_...``: start both, then ``wait``).
 Keep-alive and Content-Length bodies only: a measuring stick, not a server.
 """
 
@@ -58,7 +60,7 @@ class Door(asyncio.Protocol):
 async def main() -> None:
     pool = Pool(limit=256, keepalive_s=4, connect_timeout_s=3, ssl_context=None)
     origin = Origin.parse(UP)
-    await asyncio.get_running_loop().create_server(lambda: Door(pool, origin), "127.0.0.1", PORT)
+    await asyncio.get_running_loop().create_server(lambda: Door(pool, origin), "127.0.0.1", PORT, reuse_port=True)
     await asyncio.Event().wait()
 
 
