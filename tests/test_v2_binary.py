@@ -9,6 +9,7 @@ size rules, one by one.
 from __future__ import annotations
 
 import struct
+import warnings
 from typing import Any
 
 import numpy as np
@@ -148,17 +149,21 @@ def test_values_are_checked_like_json() -> None:
 @pytest.mark.parametrize("datatype,numpy_type", [("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8")])
 @pytest.mark.parametrize("size", [1, 784, 8193])  # 8193: past the one-BLAS-call shortcut
 def test_finite_floats_pass_and_any_nan_or_infinity_is_named_at_every_size(datatype, numpy_type, size) -> None:
-    """The shortcut (one sum of squares) and the exact check agree: huge finite values, whose squares overflow,
-    still pass; a NaN or an infinity anywhere is refused with its index."""
+    """The shortcut (one sum of squares) and the exact check agree: huge finite values, whose squares overflow
+    in their own type, still pass; a NaN or an infinity anywhere is refused with its index. Warnings are errors
+    here: a client's values must not make numpy warn (a stray line on the gateway's stderr, and an exception
+    where warnings are errors, which would turn a valid request into a 500)."""
     largest = float(np.finfo(numpy_type).max)
     values = (np.linspace(-1.0, 1.0, size) * largest).astype(numpy_type)  # squares overflow to infinity
     assert np.isfinite(values).all()
-    assert len(_take(values.tobytes(), datatype, [size], values.nbytes)) == size
-    for bad in (np.nan, np.inf, -np.inf):
-        broken = values.copy()
-        broken[size // 2] = bad
-        with pytest.raises(InvalidRequest, match=f"element {size // 2} is NaN or infinite"):
-            _take(broken.tobytes(), datatype, [size], broken.nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(_take(values.tobytes(), datatype, [size], values.nbytes)) == size
+        for bad in (np.nan, np.inf, -np.inf):
+            broken = values.copy()
+            broken[size // 2] = bad
+            with pytest.raises(InvalidRequest, match=f"element {size // 2} is NaN or infinite"):
+                _take(broken.tobytes(), datatype, [size], broken.nbytes)
 
 
 def test_binary_data_needs_the_header_and_excludes_json_data() -> None:
