@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,21 @@ def test_signals() -> None:
     ref = Reference(np.array([[0.0, 0.0], [10.0, 10.0]], dtype=np.float32))
     assert bits(out_of_distribution(np.array([[0.5, 0.5], [5.0, 5.0], [10.0, 9.0]]), ref, 3.0)) == "010"
     assert bits(out_of_distribution(np.zeros((2, 3)), ref, 3.0)) == "11"  # wrong width: cannot be in distribution
+
+
+def test_inputs_too_large_to_measure_are_out_of_distribution_and_nothing_warns() -> None:
+    """Finite values the v2 checks accept (FP32 up to 3.4e38, FP64 up to 1.8e308) overflow float32 distances to
+    inf or NaN; NaN compares False with everything, so they were reported as in distribution: the most unnatural
+    probe there is slipped past the monitor. Warnings are errors here (numpy warned on each such input)."""
+    ref = Reference(np.array([[0.0, 0.0], [10.0, 10.0]], dtype=np.float32))
+    rows = np.array([[3e38, 3e38], [-3e38, 3e38], [1e300, 0.0], [1e20, 1e20], [5.0, 5.0], [1.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bits(out_of_distribution(rows, ref, 3.0)) == "111110"
+        assert bits(out_of_distribution(np.tile(rows, (50, 1)), ref, 3.0)) == "111110" * 50
+        huge = np.array([[1e308, 1e308, 0.0], [-1e308, 1e308, 0.0], [0.2, 0.3, 0.5]])  # sums and shifts overflow
+        for scores in (huge, np.tile(huge, (100, 1))):  # both the plain-Python and the numpy rule
+            assert bits(low_confidence(scores, 0.9)) == "101" * (len(scores) // 3)  # 0.5, 1.0, 0.5 at best
 
 
 def test_reference_distance_cost_is_bounded() -> None:

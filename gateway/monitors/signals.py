@@ -39,10 +39,13 @@ def low_confidence(scores: np.ndarray, threshold: float) -> np.ndarray:
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 2 or values.shape[0] == 0:
         return np.zeros(values.shape[0] if values.ndim else 0, dtype=bool)
-    if values.min() < 0 or np.abs(values.sum(axis=1) - 1.0).max() > 1e-3:  # (np.allclose costs ~10x more)
-        shifted = values - values.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        values = exp / exp.sum(axis=1, keepdims=True)
+    # huge finite scores overflow a row's sum (to inf: softmax then) or a shift (to -inf: exp 0), as in the
+    # plain-Python rule below; numpy's warnings about it would only be noise on stderr (or errors under -W error)
+    with np.errstate(over="ignore"):
+        if values.min() < 0 or np.abs(values.sum(axis=1) - 1.0).max() > 1e-3:  # (np.allclose costs ~10x more)
+            shifted = values - values.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            values = exp / exp.sum(axis=1, keepdims=True)
     return np.asarray(values.max(axis=1) < threshold)
 
 
@@ -66,13 +69,18 @@ class Reference:
         self.features = self.rows.shape[1]
 
     def nearest(self, inputs: np.ndarray) -> np.ndarray:
-        """Distance from each row of ``inputs`` [n, features] to its nearest reference row."""
-        x = np.asarray(inputs, dtype=np.float32)
-        out = np.empty(x.shape[0], dtype=np.float32)
-        for i in range(0, x.shape[0], CHUNK_ROWS):
-            part = x[i:i + CHUNK_ROWS]
-            d2 = np.einsum("ij,ij->i", part, part)[:, None] + self.norms[None, :] - 2.0 * (part @ self.rows.T)
-            out[i:i + CHUNK_ROWS] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        """Distance from each row of ``inputs`` [n, features] to its nearest reference row.
+
+        inf or NaN for a row whose values are too large for float32 arithmetic (a finite value past ~1e19
+        overflows its square; past ~3e38 the cast itself): ``out_of_distribution`` counts those as far.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.asarray(inputs, dtype=np.float32)
+            out = np.empty(x.shape[0], dtype=np.float32)
+            for i in range(0, x.shape[0], CHUNK_ROWS):
+                part = x[i:i + CHUNK_ROWS]
+                d2 = np.einsum("ij,ij->i", part, part)[:, None] + self.norms[None, :] - 2.0 * (part @ self.rows.T)
+                out[i:i + CHUNK_ROWS] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
         return out
 
 
@@ -83,7 +91,9 @@ def out_of_distribution(inputs: np.ndarray, reference: Reference, distance: floa
         return np.ones(x.shape[0] if x.ndim else 1, dtype=bool)
     if x.shape[1] != reference.features:
         return np.ones(x.shape[0], dtype=bool)
-    return np.asarray(reference.nearest(x) > distance)
+    # not "> distance": a distance that is not a number (inf - inf, for an input too large to measure) compares
+    # False with everything, and the most unnatural inputs there are would pass as in distribution
+    return ~np.asarray(reference.nearest(x) <= distance)
 
 
 def bits(flags: np.ndarray) -> str:
