@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ async def test_top_k_with_rounding(tmp_path: Path) -> None:
     assert out["top_k_indices"] == {"name": "top_k_indices", "datatype": "INT64", "shape": [2, 2], "data": [1, 3, 0, 4]}
     assert out["top_k_scores"] == {"name": "top_k_scores", "datatype": "FP32", "shape": [2, 2],
                                    "data": [0.6, 0.2, 0.9, 0.0]}
+
+
+@pytest.mark.parametrize("rounding", [", round_decimals: 8", ""])
+async def test_scores_past_fp32_are_clamped_not_infinite(tmp_path: Path, rounding: str) -> None:
+    """An FP64 answer with scores past FP32's range: the FP32 top_k_scores hold FP32's extremes in the model's
+    order, never inf (JSON null) or a numpy warning (rounding multiplied 1e300 by 10**8; the cast overflowed)."""
+    stage = Harden(policy(tmp_path, f"  - {{models: [digits], top_k: 3{rounding}}}\n"), Metrics())
+    doc = {"model_name": "digits", "outputs": [{"name": "output", "datatype": "FP64", "shape": [1, 3],
+                                                "data": [-1e300, 1e300, 0.5]}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = outputs_of(await stage(ctx_for(), BackendResponse(200, body=orjson.dumps(doc), json=doc)))
+    fp32_max = float(np.finfo(np.float32).max)
+    assert out["top_k_indices"]["data"] == [1, 2, 0]
+    assert out["top_k_scores"]["data"] == pytest.approx([fp32_max, 0.5, -fp32_max], rel=1e-6)
 
 
 async def test_label_only(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ..services import PolicySource, Services
 
 FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
+_FP32_MAX = float(np.finfo(np.float32).max)
 # Noise draws for a score tensor: (output name, rows, classes) -> Laplace noise [rows, classes], or None
 NoiseFor = Callable[[str, np.ndarray], "np.ndarray | None"]
 
@@ -100,7 +101,9 @@ def harden_scores(scores: np.ndarray, rule: OutputRule,
     order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # ties: the lower class index first
     if rule.label_only:
         return order.astype(np.int64), None
-    top = np.take_along_axis(values, order, axis=1)
+    # the hardened scores are FP32: a model's score past that range is clamped to it, keeping the order, so an
+    # answer never carries inf (null in JSON), and rounding (x * 10**decimals) cannot overflow
+    top = np.clip(np.take_along_axis(values, order, axis=1), -_FP32_MAX, _FP32_MAX)
     if rule.round_decimals is not None:
         top = np.round(top, rule.round_decimals)
     return order.astype(np.int64), top
