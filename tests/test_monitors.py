@@ -208,3 +208,38 @@ async def test_an_alarm_raised_on_one_replica_cuts_the_caller_off_on_another(tmp
                 assert set(await stream(s, gw_b.url, honest, held_out(60))) == {200}
     finally:
         delete_prefix(redis_url, prefix)
+
+
+async def test_huge_inputs_do_not_slip_past_an_out_of_distribution_monitor(tmp_path: Path, keys: Keys) -> None:
+    """The attack through the real gateway: FP32 rows of 3e38 (values the v2 checks accept) measured NaN from the
+    reference and were never suspicious, so a prober sending them was never cut off. Now the window fills with
+    suspicious rows and the deny rule cuts the caller off; an honest caller near the reference is not."""
+    np.save(tmp_path / "ref.npy", np.ones((20, 4), dtype=np.float32))
+    policy = {
+        "roles": {"partner": []},
+        "rules": [
+            {"id": "partners", "roles": ["partner"], "models": ["m"], "actions": ["infer"], "effect": "allow"},
+            {"id": "cut-off", "roles": ["*"], "models": ["m"], "actions": ["infer"], "effect": "deny",
+             "when": "monitor.ood"},
+        ],
+        "monitors": [{"id": "ood", "roles": ["partner"], "models": ["m"], "signal": "out_of_distribution",
+                      "reference": "ref.npy", "distance": 5.0, "window": 10, "alarm_rate": 0.5, "alarm_for_s": 600}],
+    }
+
+    def rows(value: float) -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [[value] * 4]}]}
+
+    async with harness.upstream() as up, harness.gateway(tmp_path, keys, models={"m": harness.v2_model(up.url)},
+                                                         policy=policy) as gw:
+        async with aiohttp.ClientSession() as s:
+            async def send(who: str, value: float) -> int:
+                r = await s.post(gw.url + "/v2/models/m/infer", json=rows(value), headers=keys.auth(who, ["partner"]))
+                await r.read()
+                return r.status
+
+            prober = [await send("prober", 3e38) for _ in range(20)]
+            honest = [await send("honest", 1.5) for _ in range(20)]
+    assert set(honest) == {200}
+    first_denied = prober.index(403)  # ValueError on the old code: every probe was answered
+    assert first_denied <= 11, prober  # a full window of 10 suspicious rows, then cut off
+    assert set(prober[first_denied:]) == {403}
