@@ -213,9 +213,9 @@ def _check_values(values: np.ndarray, datatype: str, where: str, name: str) -> N
         # fast path for the small FP32 tensors of most requests, where numpy's fixed costs dominate: a sum of
         # squares is finite only when every value is (NaN and infinity carry through), one BLAS call instead of
         # isfinite + all. Taken in float64, where no sum of FP32 squares can overflow: an overflow would make
-        # numpy warn on a client's input (an exception under -W error) and the answer depend on that. Not
-        # FP16/FP64 (their squares can overflow even in float64), not past _DOT_MAX values (where BLAS would
-        # start threads of its own): those are looked at exactly.
+        # numpy warn on a client's input (an exception under -W error) and the answer depend on that. Not FP64
+        # (its squares can overflow even in float64), not FP16 (no BLAS for it), not past _DOT_MAX values
+        # (where BLAS would start threads of its own): those are looked at exactly.
         if datatype == "FP32" and values.size <= _DOT_MAX:
             wide = values.astype(np.float64)
             if math.isfinite(wide.dot(wide)):
