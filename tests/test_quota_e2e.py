@@ -190,9 +190,11 @@ async def test_1000_aborted_requests_leak_no_slot(tmp_path: Path, keys: Keys, re
         assert [await admin.zcard(k) for k in slot_keys] == [0, 0], statuses
         audit = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
         admitted = [x["status"] for x in audit if x["quota"] == "ok"]
-        assert len(admitted) > 500
-        assert admitted.count(499) > 50  # admitted, then the client hung up
-        assert len(admitted) - admitted.count(499) > 50  # admitted, then the upstream failed or timed out
+        # enough of both shapes for the slot check to mean something; how many clients hang up before they are
+        # even admitted depends on the machine's pace (~900 of 1,000 admitted on a quiet one, 327 seen in a CI
+        # run on a loaded one), so no bound on the total
+        assert admitted.count(499) > 50, statuses  # admitted, then the client hung up
+        assert len(admitted) - admitted.count(499) > 50, statuses  # admitted, then the upstream failed or timed out
         # the whole limit is usable again
         async def one_more() -> int:
             async with aiohttp.ClientSession() as s2:
