@@ -156,7 +156,7 @@ class BinaryInputs:
         start = self._offset
         chunk = self._tail[start:start + size]
         if datatype == "BYTES":
-            values = _walk_bytes(chunk, count, _label(where, name))
+            values = _walk_bytes(chunk, count, where, name)
         else:
             wire = WIRE_DTYPES[datatype]
             need = count * wire.itemsize
@@ -176,24 +176,28 @@ class BinaryInputs:
                                   "(the binary_data_size values do not add up to the body)")
 
 
-def _walk_bytes(chunk: memoryview, count: int, label: str) -> np.ndarray:
+def _walk_bytes(chunk: memoryview, count: int, where: str, name: str) -> np.ndarray:
     size = len(chunk)
     if count * 4 > size:
-        raise BinaryViolation(f"{label}: {size} bytes cannot hold {count} BYTES elements (4-byte length each)")
+        raise BinaryViolation(f"{_label(where, name)}: {size} bytes cannot hold {count} BYTES elements "
+                              "(4-byte length each)")
     out = np.empty(count, dtype=object)
     pos = 0
     unpack = _PREFIX.unpack_from
     for i in range(count):
         if pos + 4 > size:
-            raise BinaryViolation(f"{label}: element {i}'s length prefix runs past the input's bytes")
+            raise BinaryViolation(f"{_label(where, name)}: element {i}'s length prefix runs past the input's "
+                                  "bytes")
         (length,) = unpack(chunk, pos)
         pos += 4
         if length > size - pos:
-            raise BinaryViolation(f"{label}: element {i} ({length} bytes) runs past the input's bytes")
+            raise BinaryViolation(f"{_label(where, name)}: element {i} ({length} bytes) runs past the "
+                                  "input's bytes")
         out[i] = bytes(chunk[pos:pos + length])
         pos += length
     if pos != size:
-        raise BinaryViolation(f"{label}: {size - pos} bytes left after the last of its {count} elements")
+        raise BinaryViolation(f"{_label(where, name)}: {size - pos} bytes left after the last of its {count} "
+                              "elements")
     return out
 
 

@@ -42,6 +42,7 @@ from ..policy.enforcer import make_facts
 from ..policy.outputs import OutputsChoice
 from ..policy.truth import Alarms, Facts
 from ..specificity import MostSpecific
+from ..v2 import DATATYPES
 from .authorize import request_facts
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from ..services import PolicySource, Services
 
 FLOAT_TYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
-_FP32_MAX = float(np.finfo(np.float32).max)
+_FP32 = DATATYPES["FP32"]  # the hardened scores' datatype, and its range
 # Noise draws for a score tensor: (output name, rows, classes) -> Laplace noise [rows, classes], or None
 NoiseFor = Callable[[str, np.ndarray], "np.ndarray | None"]
 
@@ -103,7 +104,7 @@ def harden_scores(scores: np.ndarray, rule: OutputRule,
         return order.astype(np.int64), None
     # the hardened scores are FP32: a model's score past that range is clamped to it, keeping the order, so an
     # answer never carries inf (null in JSON), and rounding (x * 10**decimals) cannot overflow
-    top = np.clip(np.take_along_axis(values, order, axis=1), -_FP32_MAX, _FP32_MAX)
+    top = np.clip(np.take_along_axis(values, order, axis=1), _FP32.low, _FP32.high)
     if rule.round_decimals is not None:
         top = np.round(top, rule.round_decimals)
     return order.astype(np.int64), top
