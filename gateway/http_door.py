@@ -21,7 +21,7 @@ import functools
 import inspect
 import logging
 import os
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from .errors import GatewayError, InternalError
 from .errors import error_body as error_body  # re-exported: the server's own refusals use it
@@ -50,16 +50,35 @@ class HttpDoor:
     async def answer(self, request: HttpRequest, connection: AnswerWriter) -> None:
         gateway = self.gateway
         ctx = gateway.begin(request)
+        # ``finish`` runs on every exit path, but after the try, not in a ``finally``: natively compiled
+        # (gateway/native.py), a ``finally`` that awaits re-raises whatever exception another request was
+        # handling meanwhile, not its own. What ends the request early is kept here and raised after it.
+        stopped: BaseException | None = None
         framed: list[bytes] | None = None
         ended = False  # a stream relayed whole: its end is written after finish
         try:
-            response = await gateway.run(ctx)
+            framed, ended = await self._answer(ctx, request, connection)
+        except BaseException as exc:  # cancelled, or the client went away (status 499): nothing is sent
+            stopped = exc
+        await gateway.finish(ctx)
+        if stopped is not None:
+            raise stopped
+        if framed is not None:
+            connection.write(framed)
+        elif ended:
+            connection.end_stream()
+
+    async def _answer(self, ctx: RequestContext, request: HttpRequest,
+                      connection: AnswerWriter) -> tuple[list[bytes] | None, bool]:
+        """(a whole answer's bytes, or None; whether a stream was relayed whole). Raises only when nothing
+        more can be sent: cancelled, or the client gone."""
+        try:
+            response = await self.gateway.run(ctx)
             if response.stream is None:
-                framed = connection.frame(request, *whole(ctx, response))
-            else:
-                ended = await relay(connection, request, ctx, response)
+                return connection.frame(request, *whole(ctx, response)), False
+            return None, await relay(connection, request, ctx, response)
         except GatewayError as exc:
-            framed = connection.frame(request, *error_answer(ctx, exc))
+            return connection.frame(request, *error_answer(ctx, exc)), False
         except asyncio.CancelledError:
             ctx.status = 499  # client went away; nothing is sent
             raise
@@ -68,13 +87,7 @@ class HttpDoor:
             raise
         except Exception:
             log.exception("unhandled error (request %s)", ctx.request_id)
-            framed = connection.frame(request, *error_answer(ctx, InternalError("internal error")))
-        finally:
-            await gateway.finish(ctx)
-        if framed is not None:
-            connection.write(framed)
-        elif ended:
-            connection.end_stream()
+            return connection.frame(request, *error_answer(ctx, InternalError("internal error"))), False
 
     def refusal(self, error: GatewayError) -> Answer:
         """The answer to a request the connection refused before it was one (bad framing, a head too large
@@ -122,13 +135,29 @@ async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestCont
     connection.start_stream(request, response.status, _headers(ctx, response))
     ctx.status = response.status
     push = getattr(stream, "push", None)  # an upstream's stream can be written on from its connection's callback
-    sent = 0
 
     def pushed(data: bytes) -> bool:
-        nonlocal sent
-        sent += len(data)
+        ctx.bytes_out += len(data)
         return connection.push_chunk(data)
 
+    stopped: BaseException | None = None  # (raised after the release: not from a ``finally``, see ``answer``)
+    relayed = False
+    try:
+        relayed = await _relay_chunks(connection, ctx, stream, pushed, push)
+    except BaseException as exc:
+        stopped = exc
+    if response.release is not None:
+        result = response.release()
+        if inspect.isawaitable(result):
+            await result
+    if stopped is not None:
+        raise stopped
+    return relayed
+
+
+async def _relay_chunks(connection: AnswerWriter, ctx: RequestContext, stream: AsyncIterator[bytes],
+                        pushed: Callable[[bytes], bool], push: Callable[[Callable[[bytes], bool]], None] | None) -> bool:
+    sent = 0
     try:
         ready = getattr(stream, "ready", None)
         if ready is None or not ready():  # the first chunk may take a while (a model's first token): head now
@@ -149,11 +178,6 @@ async def relay(connection: AnswerWriter, request: HttpRequest, ctx: RequestCont
         log.warning("stream to client cut (request %s): %s", ctx.request_id, exc)
         connection.cut_stream()
         return False
-    finally:
-        if response.release is not None:
-            result = response.release()
-            if inspect.isawaitable(result):
-                await result
 
 
 def _raw_path(ctx: RequestContext) -> str:

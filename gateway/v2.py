@@ -228,7 +228,7 @@ def _check_values(values: list[Any], dims: list[int], spec: Datatype, datatype: 
         else:
             if array is None:
                 _refuse_type(values, dims, spec, datatype, where)
-            within = spec.low is None or spec.high is None or spec.low <= array.min() and array.max() <= spec.high
+            within = spec.low is None or spec.high is None or bool(spec.low <= array.min() and array.max() <= spec.high)
     else:
         if not set(map(type, values)) <= spec.types:
             _refuse_type(values, dims, spec, datatype, where)

@@ -74,6 +74,10 @@ class Response:
                 return value
         return None
 
+    def _done(self) -> bool:
+        """The body has ended, whole or not."""
+        return self._eof or self._error is not None
+
     @property
     def error(self) -> UpstreamError | None:
         """Why the body ended early, once it has (None while it is fine)."""
@@ -97,7 +101,7 @@ class Response:
             if total_s is not None:
                 self._conn.set_deadline(total_s)
             self._conn.resume()
-            while not self._eof and self._error is None:
+            while not self._done():  # (a call: an await changes what a narrowed `self._error` would claim)
                 await self._wait()
         if self._error is not None:
             raise self._error
