@@ -13,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from . import native
 from .config import load_config
+from .errors import ConfigError
 from .plugins import plug
 from .server import _serve, install_uvloop
 
 
 def serve(config_path: str, *, workers: int | None = None) -> int:
     """Run until SIGTERM/SIGINT. Returns the exit status."""
+    stale = native.problem()
+    if stale is not None:  # never serve code other than what the files say
+        raise ConfigError(stale)
     config = load_config(config_path)
     plugged = plug(config)
     count = workers or config.server.workers

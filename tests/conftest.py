@@ -6,7 +6,15 @@ import os
 
 import pytest
 
+from gateway import native
 from tests.harness import Keys
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before any test when the native build is older than the sources: the tests would test old code."""
+    stale = native.problem()
+    if stale is not None:
+        pytest.exit(stale, returncode=4)
 
 
 @pytest.fixture(scope="session")

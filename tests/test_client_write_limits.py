@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests import harness
 from tests.certs import self_signed
-from tests.harness import (ALLOW_ANALYSTS, Keys, openai_model, start_gateway, start_upstream,
+from tests.harness import (ALLOW_ANALYSTS, Keys, openai_model, skip_if_native, start_gateway, start_upstream,
                      v2_model)
 from tests.client_limits_support import (  # noqa: F401  (pytest uses the fixtures and pytestmark)
     chat_request,
@@ -198,6 +198,7 @@ async def test_a_stream_pushed_past_a_slow_reader_arrives_whole_and_in_order(tmp
         attached.append(sink is not None and not self.ready())
         push_to(self, sink)  # type: ignore[arg-type]
 
+    skip_if_native(Response)
     monkeypatch.setattr(Response, "push_to", counting)
 
     async def numbered(request: web.Request) -> web.StreamResponse:
@@ -272,6 +273,7 @@ async def test_a_streams_end_leaves_after_its_bookkeeping(tmp_path: Path, keys: 
         order.append("end")
         end_stream(self)
 
+    skip_if_native(Gateway, AnswerWriter)
     monkeypatch.setattr(Gateway, "finish", finishing)
     monkeypatch.setattr(AnswerWriter, "end_stream", ending)
 
@@ -316,6 +318,7 @@ async def test_a_client_gone_between_a_streams_last_event_and_its_end(tmp_path: 
             order.append("reset")
         await finish(self, ctx)  # type: ignore[arg-type]
 
+    skip_if_native(Gateway, AnswerWriter)
     monkeypatch.setattr(Gateway, "finish", finishing)
     monkeypatch.setattr(AnswerWriter, "end_stream", ending)
 
@@ -361,6 +364,7 @@ async def test_a_streams_end_is_not_written_to_a_connection_already_closing(tmp_
             closed.append(transport.is_closing())
         end_stream(self)
 
+    skip_if_native(AnswerWriter)
     monkeypatch.setattr(AnswerWriter, "end_stream", closing_first)
     async with (harness.upstream(short_sse) as up,
                 harness.gateway(tmp_path, keys, models={"chat": openai_model(up.url)}, policy=ALLOW_ANALYSTS) as gw,
