@@ -35,6 +35,7 @@ COMPILED = (
     "gateway/http_answer.py",
     "gateway/connection_limits.py",
     "gateway/app.py",
+    "gateway/pipeline.py",
     "gateway/routing.py",
     "gateway/jsonsafe.py",
     "gateway/metrics.py",

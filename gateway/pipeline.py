@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
+import numpy as np
+
+# at run time, not only for the type checker: compiled (gateway/native.py), a dataclass needs its fields' types
+from .config import ModelConfig
+from .request import Request
 from .usage import Usage as Usage  # re-exported: a backend answers with it
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from .config import ModelConfig
-    from .request import Request
 
 
 class RouteKind(enum.Enum):
