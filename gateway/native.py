@@ -75,7 +75,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def built(root: Path = ROOT) -> list[str]:
     """The modules of ``COMPILED`` that have a native build beside them."""
-    return [source for source in COMPILED if _native(root / source) is not None]
+    found = extensions(root)
+    return [source for source in COMPILED if source in found]
 
 
 def extensions(root: Path = ROOT) -> dict[str, Path]:
@@ -106,10 +107,3 @@ def problem(root: Path = ROOT) -> str | None:
     return (f"compiled modules do not match their sources ({shown}): rebuild with `pip install -e .` "
             "(or `MAAS_GATEWAY_COMPILE=0 pip install -e .` for pure Python)")
 
-
-def _native(source: Path) -> Path | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = source.with_suffix(suffix)
-        if candidate.exists():
-            return candidate
-    return None
